@@ -102,6 +102,12 @@ def _gated_lora_linear_fake(x, weight, bias, lora_a, lora_b, seq_offsets, adapte
         weight.shape[1] == x.shape[-1],
         lambda: f"gated_lora_linear: weight must have shape [N, K] with K = x.size(-1) = {x.shape[-1]}",
     )
+    # The C++ kernels check devices too; this catches mixed devices while tracing (and on meta).
+    named = dict(weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, seq_offsets=seq_offsets,
+                 adapter_ids=adapter_ids, gates=gates)
+    for name, t in named.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"gated_lora_linear: {name} must be on x's device {x.device}, got {t.device}")
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

@@ -61,6 +61,11 @@ struct VecGeneric {
     for (int i = 0; i < W; ++i) r.v[i] = a.v[i] * b.v[i];
     return r;
   }
+  friend VecGeneric operator+(const VecGeneric& a, const VecGeneric& b) {
+    VecGeneric r;
+    for (int i = 0; i < W; ++i) r.v[i] = a.v[i] + b.v[i];
+    return r;
+  }
   acc_t sum() const {
     acc_t s = acc_t(0);
     for (int i = 0; i < W; ++i) s += v[i];
@@ -103,6 +108,7 @@ struct VecAvx2 {
     return {_mm256_fmadd_ps(a.v, b.v, c.v)};
   }
   friend VecAvx2 operator*(const VecAvx2& a, const VecAvx2& b) { return {_mm256_mul_ps(a.v, b.v)}; }
+  friend VecAvx2 operator+(const VecAvx2& a, const VecAvx2& b) { return {_mm256_add_ps(a.v, b.v)}; }
   float sum() const {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_hadd_ps(s, s);
@@ -144,13 +150,5 @@ struct VecSelect {
 // The vector type the kernels use for accumulation type acc_t.
 template <typename acc_t>
 using Vec = typename VecSelect<acc_t>::type;
-
-// Whether this build of the CPU kernels uses AVX2 (reported by milora_ext.cpu_isa()).
-constexpr bool kHaveAvx2 =
-#ifdef MILORA_CPU_AVX2
-    true;
-#else
-    false;
-#endif
 
 }  // namespace milora::cpu

@@ -1,0 +1,118 @@
+"""Timing helpers shared by every milora benchmark.
+
+Methods are timed interleaved (round-robin over repeats) in one process so that machine
+drift hits all of them alike; each reports median, min and max over the repeats. On CUDA
+the timings come from CUDA events after a synchronize, with an optional L2 flush.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    samples: List[float]
+
+
+class _L2Flusher:
+    """Writes a buffer larger than the GPU's L2 cache so each timed call starts cold."""
+
+    def __init__(self, device: torch.device):
+        props = torch.cuda.get_device_properties(device)
+        size = max(2 * getattr(props, "L2_cache_size", 64 << 20), 64 << 20)
+        self.buf = torch.empty(size // 4, dtype=torch.float32, device=device)
+
+    def __call__(self):
+        self.buf.zero_()
+
+
+def _timed_call(fn: Callable[[], object], device: torch.device, flush: Optional[_L2Flusher]) -> float:
+    if device.type == "cuda":
+        if flush is not None:
+            flush()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_interleaved(
+    methods: Dict[str, Callable[[], object]],
+    device: torch.device,
+    *,
+    warmup: int = 2,
+    repeats: int = 10,
+    l2_flush: bool = False,
+    on_step: Optional[Callable[[], None]] = None,
+) -> Dict[str, Timing]:
+    """Time each method `repeats` times, cycling through the methods on every round.
+
+    on_step is called after each timed call (a progress bar hook)."""
+    device = torch.device(device)
+    flush = _L2Flusher(device) if (l2_flush and device.type == "cuda") else None
+    for _ in range(warmup):
+        for fn in methods.values():
+            fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    samples: Dict[str, List[float]] = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            samples[name].append(_timed_call(fn, device, flush))
+            if on_step is not None:
+                on_step()
+    return {
+        name: Timing(statistics.median(s), min(s), max(s), s) for name, s in samples.items()
+    }
+
+
+def environment(device: torch.device, dtype: Optional[torch.dtype] = None) -> Dict[str, object]:
+    """What the numbers were measured on: printed as a header and stored with results."""
+    device = torch.device(device)
+    env: Dict[str, object] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["device_name"] = _cpu_name()
+        env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    if dtype is not None:
+        env["dtype"] = str(dtype).replace("torch.", "")
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def format_env(env: Dict[str, object]) -> str:
+    return " | ".join(f"{k}: {v}" for k, v in env.items())
