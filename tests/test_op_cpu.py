@@ -39,14 +39,16 @@ def test_batches(dtype, seq_lens, ids, P):
 @pytest.mark.parametrize("E", [1, 2, 3, 8])
 @pytest.mark.parametrize("R", [1, 7, 16, 33, 128])
 def test_experts_and_ranks(dtype, E, R):
-    lens = [3, 1, 9, 1]
+    # Adapter 0 holds 22 tokens (packed tiles), adapters 1 and 2 one each (dot tiles).
+    lens = [3, 1, 19, 1]
     run(make_problem(lens, [0, 1, 0, 2], K=75, N=43, P=3, E=E, R=R, active_experts=max(1, E // 2), dtype=dtype, seed=E * 1000 + R))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_odd_sizes(dtype):
-    # K and N not multiples of any vector width; R not a multiple of 8.
-    run(make_problem([7, 1, 13], [1, -1, 0], K=257, N=129, P=2, E=3, R=5, dtype=dtype, seed=7))
+    # K and N not multiples of any vector width; R not a multiple of 8; packed (23 tokens)
+    # and dot (7 tokens) tiles in one call.
+    run(make_problem([7, 1, 23], [1, -1, 0], K=257, N=129, P=2, E=3, R=5, dtype=dtype, seed=7))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
