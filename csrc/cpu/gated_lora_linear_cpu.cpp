@@ -36,8 +36,23 @@ constexpr int64_t kDotTokens = 16;        // tokens per dot shrink work item
 constexpr int64_t kDotRows = 8;           // rank rows per dot shrink work item
 constexpr int64_t kExpandCols = 256;      // output columns per expand work item
 
+constexpr int64_t kParallelMinMacs = 1 << 20;  // below this a phase runs on the calling thread
+
 int64_t round_up(int64_t v, int64_t m) {
   return (v + m - 1) / m * m;
+}
+
+// Runs fn(begin, end) over [0, num_items), across threads when the phase does enough
+// multiply-adds to pay for waking them (a tiny problem would otherwise wait on the thread
+// pool, and on a loaded machine that wait dominates).
+template <typename F>
+void for_items(int64_t num_items, int64_t macs, const F& fn) {
+  if (num_items == 0) return;
+  if (macs < kParallelMinMacs) {
+    fn(int64_t(0), num_items);
+    return;
+  }
+  at::parallel_for(0, num_items, 1, fn);
 }
 
 // Raw pointers and sizes of one call's LoRA operands.
@@ -94,8 +109,10 @@ void lora_shrink(const LoraOperands<scalar_t, acc_t>& op, const LoraPlan& plan) 
     }
   }
   std::vector<ShrinkItem> items;
+  int64_t macs = 0;
   for (int64_t l = 0; l < static_cast<int64_t>(lists.size()); ++l) {
     const int64_t n = static_cast<int64_t>(lists[l].tokens.size());
+    macs += n * R * K;
     const bool packed = n >= kPackedMinTokens;
     const int64_t step_t = packed ? kPackedTokens : kDotTokens;
     const int64_t step_r = packed ? 2 * V::size : kDotRows;
@@ -103,7 +120,7 @@ void lora_shrink(const LoraOperands<scalar_t, acc_t>& op, const LoraPlan& plan) 
       for (int64_t r0 = 0; r0 < Rpad; r0 += step_r)
         items.push_back(ShrinkItem{l, i0, std::min(i0 + step_t, n), r0, std::min(r0 + step_r, Rpad), packed});
   }
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+  for_items(static_cast<int64_t>(items.size()), macs, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> panel;  // [K][r1 - r0]: A^T for the item's rank rows
     for (int64_t w = begin; w < end; ++w) {
       const ShrinkItem& it = items[w];
@@ -241,14 +258,16 @@ template <typename scalar_t, typename acc_t>
 void lora_expand(const LoraOperands<scalar_t, acc_t>& op, const LoraPlan& plan) {
   RECORD_FUNCTION("milora::lora_expand_cpu", std::vector<c10::IValue>());
   std::vector<ExpandItem> items;
+  int64_t macs = 0;
   for (const auto& grp : plan.groups) {
     int64_t tokens = 0;
     for (int64_t s : grp.seqs) tokens += plan.seq_end(s) - plan.seq_begin(s);
+    macs += tokens * op.N * op.R;
     const bool packed = tokens >= kPackedMinTokens;
     for (int64_t n0 = 0; n0 < op.N; n0 += kExpandCols)
       items.push_back(ExpandItem{&grp, n0, std::min(n0 + kExpandCols, op.N), packed});
   }
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+  for_items(static_cast<int64_t>(items.size()), macs, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> panels;
     std::vector<int64_t> experts(op.E);
     for (int64_t w = begin; w < end; ++w) {
