@@ -1,0 +1,177 @@
+// Fused decode kernel (float16 / bfloat16, 1 <= T <= 64 tokens):
+//
+//   y[t, n] = W[n, :] . x[t, :] + bias[n] + sum_e gates[s,e] * B[p,e][n, :] . U[t, e, :]
+//
+// with U = A x from the SIMT shrink kernel launched just before (shrink_simt.cu).
+//
+// Work split. Decode is bound by reading W once (N*K*2 bytes); x (T*K*2) is small. Each CTA
+// owns BN = 16 * RT output rows over ALL of K, so y is written once, by one CTA, with no
+// atomics and no workspace: 8 warps split K into contiguous ranges, each warp runs the
+// tensor-core loop of warp_gemm.cuh (W rows as the m16 operand, token rows of x as the n8
+// operand: NT tiles of 8 tokens), a fixed-order tree in shared memory sums the 8 partial
+// tiles, and the epilogue adds bias and the gated expand and rounds once. With N = 4096
+// there are 256 CTAs (T <= 16, BN = 16) or 128 (T > 16, BN = 32: every CTA reads all of x
+// from L2, so a larger row block halves that traffic when x grows) for 132 SMs, all resident
+// at once. The alternative, split-K across CTAs, would need a second pass or atomics on y.
+//
+// Overlap. On sm_90 this kernel is a programmatic dependent of the shrink kernel: it starts
+// streaming W while the shrink still runs and waits (griddepcontrol.wait) only before it
+// reads U and the routes. The shrink also prefetches the active lora_b slabs into L2 (evict
+// last) and W is read with an evict-first hint, so the epilogue's lora_b reads hit L2.
+#include "cuda/common.cuh"
+#include "cuda/warp_gemm.cuh"
+
+namespace milora::cuda {
+namespace {
+
+constexpr int kDecodeWarps = 8;
+constexpr int kDecodeThreads = kDecodeWarps * 32;
+
+struct DecodeArgs {
+  LoraArgs l;
+  const void* weight;  // [N, K]
+  const void* bias;    // [N] or nullptr
+  void* y;             // [T, N]
+  bool vec_xw;         // x and weight rows 16-byte aligned, K % 8 == 0
+  bool vec_b;          // lora_b rows 16-byte aligned, R % 8 == 0
+};
+
+// dot(B row of length R, U row of length R) in float32.
+template <typename scalar_t>
+__device__ __forceinline__ float lora_dot(const scalar_t* b, const float* u, int64_t R, bool vec_b) {
+  float acc = 0.f;
+  if (vec_b) {  // R % 8 == 0: U rows are 32-byte aligned too
+    for (int64_t r = 0; r < R; r += 8) {
+      const uint4 bv = ldg16(b + r);
+      const float4 u0 = *reinterpret_cast<const float4*>(u + r);
+      const float4 u1 = *reinterpret_cast<const float4*>(u + r + 4);
+      const float2 b0 = unpack2<scalar_t>(bv.x), b1 = unpack2<scalar_t>(bv.y), b2 = unpack2<scalar_t>(bv.z), b3 = unpack2<scalar_t>(bv.w);
+      acc = fmaf(b0.x, u0.x, acc);
+      acc = fmaf(b0.y, u0.y, acc);
+      acc = fmaf(b1.x, u0.z, acc);
+      acc = fmaf(b1.y, u0.w, acc);
+      acc = fmaf(b2.x, u1.x, acc);
+      acc = fmaf(b2.y, u1.y, acc);
+      acc = fmaf(b3.x, u1.z, acc);
+      acc = fmaf(b3.y, u1.w, acc);
+    }
+  } else {
+    for (int64_t r = 0; r < R; ++r) acc = fmaf(to_float(b[r]), u[r], acc);
+  }
+  return acc;
+}
+
+template <typename scalar_t, int NT, int RT>
+__global__ void __launch_bounds__(kDecodeThreads) milora_decode_fused_kernel(const DecodeArgs d) {
+  constexpr int BN = 16 * RT;   // output rows per CTA
+  constexpr int NT8 = 8 * NT;   // token columns of the tile (>= T)
+  constexpr int LD = NT8 + 1;   // row stride of the reduced tile
+  __shared__ float buf[reduce_floats<RT, NT, kDecodeWarps>()];
+  __shared__ Route routes[NT8];
+
+  const LoraArgs& a = d.l;
+  const int64_t T = a.T, K = a.K, N = a.N, E = a.E, R = a.R;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, q = lane & 3;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
+
+  // ---- base: this warp's share of K for the CTA's BN rows and all tokens --------------
+  const scalar_t* W = static_cast<const scalar_t*>(d.weight);
+  const scalar_t* X = static_cast<const scalar_t*>(a.x);
+  const scalar_t* a_rows[RT][2];
+#pragma unroll
+  for (int i = 0; i < RT; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t n = n0 + 16 * i + g + 8 * h;
+      a_rows[i][h] = W + (n < N ? n : N - 1) * K;  // rows past N: a valid row, result dropped
+    }
+  const scalar_t* b_rows[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const int64_t t = 8 * j + g;
+    b_rows[j] = X + (t < T ? t : T - 1) * K;  // tokens past T: a valid row, result dropped
+  }
+  float acc[RT][NT][4];
+#pragma unroll
+  for (int i = 0; i < RT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.f;
+
+  const int64_t chunks = (K + 31) / 32;
+  const int64_t c_begin = chunks * warp / kDecodeWarps, c_end = chunks * (warp + 1) / kDecodeWarps;
+  WarpGemm<scalar_t, RT, NT, true>::run(a_rows, b_rows, c_begin, c_end, K, d.vec_xw, q, acc);
+
+  // ---- U and the routes come from the shrink kernel ------------------------------------
+  pdl_wait();
+  if (tid < T) routes[tid] = load_route(a.routes, tid);
+  cta_reduce<RT, NT, kDecodeWarps>(acc, buf, warp, lane);  // ends with __syncthreads()
+
+  // ---- epilogue: bias + gated expand, one rounding, y written once ---------------------
+  const scalar_t* bias = static_cast<const scalar_t*>(d.bias);
+  const scalar_t* B = static_cast<const scalar_t*>(a.lora_b);
+  scalar_t* y = static_cast<scalar_t*>(d.y);
+  const int items = BN * static_cast<int>(T);
+  for (int item = tid; item < items; item += kDecodeThreads) {
+    const int t = item / BN, nl = item % BN;  // consecutive threads: consecutive rows n
+    const int64_t n = n0 + nl;
+    if (n >= N) continue;
+    float v = buf[nl * LD + t];
+    if (bias != nullptr) v += to_float(bias[n]);
+    const Route rt = routes[t];
+    if (rt.p >= 0) {
+      for (int64_t e = 0; e < E; ++e) {
+        const float gate = a.gates[rt.s * E + e];
+        if (gate == 0.f) continue;  // expert off: no work
+        const scalar_t* brow = B + ((static_cast<int64_t>(rt.p) * E + e) * N + n) * R;
+        v = fmaf(gate, lora_dot<scalar_t>(brow, a.U + (t * E + e) * R, R, d.vec_b), v);
+      }
+    }
+    y[t * N + n] = from_float<scalar_t>(v);
+  }
+}
+
+template <typename scalar_t, int NT, int RT>
+cudaError_t launch_one(const DecodeArgs& d, bool pdl, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>(ceil_div<int64_t>(d.l.N, 16 * RT));
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(kDecodeThreads);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, milora_decode_fused_kernel<scalar_t, NT, RT>, d);
+}
+
+template <typename scalar_t>
+cudaError_t launch_typed(const DecodeArgs& d, bool pdl, cudaStream_t stream) {
+  // NT token tiles of 8 (power of two >= T); RT row tiles of 16 per CTA.
+  const int64_t tokens = d.l.T;
+  if (tokens <= 8) return launch_one<scalar_t, 1, 1>(d, pdl, stream);
+  if (tokens <= 16) return launch_one<scalar_t, 2, 1>(d, pdl, stream);
+  if (tokens <= 32) return launch_one<scalar_t, 4, 2>(d, pdl, stream);
+  return launch_one<scalar_t, 8, 2>(d, pdl, stream);
+}
+
+}  // namespace
+
+cudaError_t launch_decode_fused(
+    const LoraArgs& a, const void* weight, const void* bias, void* y, bool pdl, cudaStream_t stream) {
+  if (a.T < 1 || a.T > kDecodeMaxTokens || a.dtype == DType::kFloat32) return cudaErrorInvalidValue;
+  DecodeArgs d;
+  d.l = a;
+  d.weight = weight;
+  d.bias = bias;
+  d.y = y;
+  d.vec_xw = a.K % 8 == 0 && host_aligned(a.x, 16) && host_aligned(weight, 16);
+  d.vec_b = a.R % 8 == 0 && host_aligned(a.lora_b, 16);
+  if (a.dtype == DType::kFloat16) return launch_typed<__half>(d, pdl, stream);
+  return launch_typed<__nv_bfloat16>(d, pdl, stream);
+}
+
+}  // namespace milora::cuda
