@@ -191,6 +191,18 @@ struct Route {
   int32_t p;  // adapter slot in [0, P), or -1 (no LoRA)
 };
 
+// The route of token t once s = the last sequence with clamped start <= t is known (-1: none).
+__device__ __forceinline__ Route route_from_seq(const IndexArgs& ix, int64_t t, int64_t T, int64_t s) {
+  Route r{-1, -1};
+  if (s < 0 || t >= seq_start(ix, s + 1, T)) return r;
+  const int64_t p = load_index(ix.ids, s, ix.ids64);
+  if (p < 0 || p >= ix.P) return r;
+  r.s = static_cast<int32_t>(s);
+  r.p = static_cast<int32_t>(p);
+  return r;
+}
+
+// One thread: binary search.
 __device__ __forceinline__ Route route_token(const IndexArgs& ix, int64_t t, int64_t T) {
   int64_t lo = 0, hi = ix.S;  // find the last s in [0, S) with start(s) <= t
   while (lo < hi) {
@@ -201,14 +213,24 @@ __device__ __forceinline__ Route route_token(const IndexArgs& ix, int64_t t, int
       hi = mid;
     }
   }
-  const int64_t s = lo - 1;
-  Route r{-1, -1};
-  if (s < 0 || t >= seq_start(ix, s + 1, T)) return r;
-  const int64_t p = load_index(ix.ids, s, ix.ids64);
-  if (p < 0 || p >= ix.P) return r;
-  r.s = static_cast<int32_t>(s);
-  r.p = static_cast<int32_t>(p);
-  return r;
+  return route_from_seq(ix, t, T, lo - 1);
+}
+
+// A whole warp, one token: each round the 32 lanes probe 32 evenly spaced sequences, so
+// S <= 32 costs one round of loads and S <= 1024 two (the binary search: log2 S dependent
+// loads). Same result as route_token for valid offsets; in range for any offsets.
+__device__ __forceinline__ Route route_token_warp(const IndexArgs& ix, int64_t t, int64_t T, int lane) {
+  int64_t lo = 0, hi = ix.S;  // the answer lies in [lo - 1, hi - 1]
+  while (lo < hi) {
+    const int64_t step = (hi - lo + 31) / 32;
+    const int64_t s = lo + lane * step;
+    const uint32_t mask = __ballot_sync(kFullMask, s < hi && seq_start(ix, s, T) <= t);
+    if (mask == 0) break;  // start(lo) > t: the answer is lo - 1
+    const int64_t found = lo + (31 - __clz(static_cast<int>(mask))) * step;  // start(found) <= t
+    hi = found + step < hi ? found + step : hi;  // the next probe, if any, had start > t
+    lo = found + 1;
+  }
+  return route_from_seq(ix, t, T, lo - 1);
 }
 
 __device__ __forceinline__ Route load_route(const int32_t* routes, int64_t t) {

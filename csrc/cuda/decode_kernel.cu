@@ -36,29 +36,21 @@ struct DecodeArgs {
   bool vec_b;          // lora_b rows 16-byte aligned, R % 8 == 0
 };
 
-// dot(B row of length R, U row of length R) in float32.
+// Adds b[0..7] . u[0..7] to acc (b: 8 packed 16-bit values, u: 8 floats).
 template <typename scalar_t>
-__device__ __forceinline__ float lora_dot(const scalar_t* b, const float* u, int64_t R, bool vec_b) {
-  float acc = 0.f;
-  if (vec_b) {  // R % 8 == 0: U rows are 32-byte aligned too
-    for (int64_t r = 0; r < R; r += 8) {
-      const uint4 bv = ldg16(b + r);
-      const float4 u0 = *reinterpret_cast<const float4*>(u + r);
-      const float4 u1 = *reinterpret_cast<const float4*>(u + r + 4);
-      const float2 b0 = unpack2<scalar_t>(bv.x), b1 = unpack2<scalar_t>(bv.y), b2 = unpack2<scalar_t>(bv.z), b3 = unpack2<scalar_t>(bv.w);
-      acc = fmaf(b0.x, u0.x, acc);
-      acc = fmaf(b0.y, u0.y, acc);
-      acc = fmaf(b1.x, u0.z, acc);
-      acc = fmaf(b1.y, u0.w, acc);
-      acc = fmaf(b2.x, u1.x, acc);
-      acc = fmaf(b2.y, u1.y, acc);
-      acc = fmaf(b3.x, u1.z, acc);
-      acc = fmaf(b3.y, u1.w, acc);
-    }
-  } else {
-    for (int64_t r = 0; r < R; ++r) acc = fmaf(to_float(b[r]), u[r], acc);
-  }
-  return acc;
+__device__ __forceinline__ float dot8(uint4 b, const float* u, float acc) {
+  const float4 u0 = *reinterpret_cast<const float4*>(u);
+  const float4 u1 = *reinterpret_cast<const float4*>(u + 4);
+  const float2 b0 = unpack2<scalar_t>(b.x), b1 = unpack2<scalar_t>(b.y), b2 = unpack2<scalar_t>(b.z),
+               b3 = unpack2<scalar_t>(b.w);
+  acc = fmaf(b0.x, u0.x, acc);
+  acc = fmaf(b0.y, u0.y, acc);
+  acc = fmaf(b1.x, u0.z, acc);
+  acc = fmaf(b1.y, u0.w, acc);
+  acc = fmaf(b2.x, u1.x, acc);
+  acc = fmaf(b2.y, u1.y, acc);
+  acc = fmaf(b3.x, u1.z, acc);
+  return fmaf(b3.y, u1.w, acc);
 }
 
 template <typename scalar_t, int NT, int RT>
@@ -109,27 +101,67 @@ __global__ void __launch_bounds__(kDecodeThreads) milora_decode_fused_kernel(con
   cta_reduce<RT, NT, kDecodeWarps>(acc, buf, warp, lane);  // ends with __syncthreads()
 
   // ---- epilogue: bias + gated expand, one rounding, y written once ---------------------
+  // Each thread owns kItems (token, row) items, item = tid + i * kDecodeThreads with
+  // consecutive threads on consecutive rows n (coalesced y stores, contiguous lora_b rows).
+  // The lora_b loads of all its items are issued together (they hit L2: the shrink kernel
+  // prefetched the slabs), so their latency is paid once per expert and 16 ranks, not per item.
+  constexpr int kItems = (BN * NT8 + kDecodeThreads - 1) / kDecodeThreads;
   const scalar_t* bias = static_cast<const scalar_t*>(d.bias);
   const scalar_t* B = static_cast<const scalar_t*>(a.lora_b);
   scalar_t* y = static_cast<scalar_t*>(d.y);
-  const int items = BN * static_cast<int>(T);
-  for (int item = tid; item < items; item += kDecodeThreads) {
-    const int t = item / BN, nl = item % BN;  // consecutive threads: consecutive rows n
-    const int64_t n = n0 + nl;
-    if (n >= N) continue;
-    float v = buf[nl * LD + t];
-    if (bias != nullptr) v += to_float(bias[n]);
-    const Route rt = routes[t];
-    if (rt.p >= 0) {
-      for (int64_t e = 0; e < E; ++e) {
-        const float gate = a.gates[rt.s * E + e];
-        if (gate == 0.f) continue;  // expert off: no work
-        const scalar_t* brow = B + ((static_cast<int64_t>(rt.p) * E + e) * N + n) * R;
-        v = fmaf(gate, lora_dot<scalar_t>(brow, a.U + (t * E + e) * R, R, d.vec_b), v);
+  float v[kItems];
+  int tok[kItems];
+  int64_t row[kItems];
+  bool ok[kItems];
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int item = tid + i * kDecodeThreads;
+    tok[i] = item / BN;
+    const int nl = item % BN;
+    row[i] = n0 + nl;
+    ok[i] = tok[i] < T && row[i] < N;
+    v[i] = ok[i] ? buf[nl * LD + tok[i]] : 0.f;
+    if (ok[i] && bias != nullptr) v[i] += to_float(bias[row[i]]);
+  }
+  for (int64_t e = 0; e < E; ++e) {
+    float gate[kItems], dot[kItems];
+    const scalar_t* brow[kItems];
+    const float* urow[kItems];
+    bool any = false;
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const Route rt = routes[ok[i] ? tok[i] : 0];
+      gate[i] = ok[i] && rt.p >= 0 ? a.gates[rt.s * E + e] : 0.f;  // 0: no work for this item
+      brow[i] = B + ((static_cast<int64_t>(rt.p < 0 ? 0 : rt.p) * E + e) * N + row[i]) * R;
+      urow[i] = a.U + (tok[i] * E + e) * R;
+      dot[i] = 0.f;
+      any |= gate[i] != 0.f;
+    }
+    if (!any) continue;
+    if (d.vec_b) {  // R % 8 == 0, rows 16-byte aligned
+      for (int64_t r = 0; r < R; r += 8) {
+        uint4 bv[kItems];
+#pragma unroll
+        for (int i = 0; i < kItems; ++i)
+          if (gate[i] != 0.f) bv[i] = ldg16(brow[i] + r);
+#pragma unroll
+        for (int i = 0; i < kItems; ++i)
+          if (gate[i] != 0.f) dot[i] = dot8<scalar_t>(bv[i], urow[i] + r, dot[i]);
+      }
+    } else {
+      for (int64_t r = 0; r < R; ++r) {
+#pragma unroll
+        for (int i = 0; i < kItems; ++i)
+          if (gate[i] != 0.f) dot[i] = fmaf(to_float(brow[i][r]), urow[i][r], dot[i]);
       }
     }
-    y[t * N + n] = from_float<scalar_t>(v);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i)
+      if (gate[i] != 0.f) v[i] = fmaf(gate[i], dot[i], v[i]);
   }
+#pragma unroll
+  for (int i = 0; i < kItems; ++i)
+    if (ok[i]) y[tok[i] * N + row[i]] = from_float<scalar_t>(v[i]);
 }
 
 template <typename scalar_t, int NT, int RT>

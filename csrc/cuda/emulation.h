@@ -2,10 +2,11 @@
 // sources themselves run, unchanged, on a machine without a GPU (compiled as C++ with
 // -DMILORA_CUDA_EMULATION; see tests/cuda_emulation/ and tests/test_cuda_emulated.py).
 //
-// Model: CTAs run one after the other; the threads of a CTA are std::threads; __shared__
-// becomes `static` (one CTA at a time, so one copy suffices); __syncthreads and the warp
-// collectives (shuffles, ballots, mma.sync) are barriers over the CTA / the 32 lanes of a
-// warp. mma.sync follows the PTX fragment layout of m16n8k16 (float32 accumulation).
+// Model: CTAs run one after the other; the threads of a CTA are fibers (ucontext) on one OS
+// thread, switched only at barriers, so a run is deterministic; __shared__ becomes `static`
+// (one CTA at a time, so one copy suffices); __syncthreads and the warp collectives
+// (shuffles, ballots, mma.sync) are barriers over the CTA / the 32 lanes of a warp.
+// mma.sync follows the PTX fragment layout of m16n8k16 (float32 accumulation).
 // It checks the kernels' logic (indexing, fragment layouts, routing, masking, tails), not
 // their speed or memory-model subtleties; it is never part of the real build.
 #pragma once
@@ -22,38 +23,38 @@
 #include <cuda_runtime_api.h>
 #include <vector_functions.h>
 
+#include <ucontext.h>
+
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <memory>
-#include <mutex>
-#include <thread>
 #include <vector>
 
-inline thread_local uint3 threadIdx;
-inline thread_local uint3 blockIdx;
-inline thread_local dim3 blockDim;
-inline thread_local dim3 gridDim;
+// The builtin variables, set by the scheduler before it resumes a fiber.
+inline uint3 threadIdx;
+inline uint3 blockIdx;
+inline dim3 blockDim;
+inline dim3 gridDim;
 
 namespace milora::emu {
+
+void yield();
 
 // A reusable barrier whose party count shrinks when a thread exits early.
 class Barrier {
  public:
   explicit Barrier(int count) : count_(count) {}
   void wait() {
-    std::unique_lock<std::mutex> lock(mu_);
     const unsigned gen = gen_;
     if (++waiting_ == count_) {
       release();
-    } else {
-      cv_.wait(lock, [&] { return gen_ != gen; });
+      return;
     }
+    while (gen_ == gen) yield();
   }
   void drop() {
-    std::unique_lock<std::mutex> lock(mu_);
     --count_;
     if (waiting_ > 0 && waiting_ == count_) release();
   }
@@ -62,10 +63,7 @@ class Barrier {
   void release() {
     waiting_ = 0;
     ++gen_;
-    cv_.notify_all();
   }
-  std::mutex mu_;
-  std::condition_variable cv_;
   int count_;
   int waiting_ = 0;
   unsigned gen_ = 0;
@@ -86,7 +84,7 @@ struct Cta {
   std::vector<std::unique_ptr<Warp>> warps;
 };
 
-inline thread_local Cta* tls_cta = nullptr;
+inline Cta* tls_cta = nullptr;  // the running CTA
 
 inline Warp& warp() { return *tls_cta->warps[threadIdx.x / 32]; }
 inline int lane() { return static_cast<int>(threadIdx.x % 32); }
@@ -160,28 +158,78 @@ inline void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint3
   w.bar.wait();
 }
 
-// Runs fn for every thread of every CTA of the grid; CTAs in order, threads concurrently.
+// The fibers of the running CTA and the scheduler that resumes them in turn.
+struct Scheduler {
+  static constexpr size_t kStack = 256 * 1024;
+  struct Fiber {
+    ucontext_t ctx;
+    std::unique_ptr<char[]> stack;
+    bool done = true;
+  };
+  ucontext_t main;
+  std::vector<Fiber> fibers;
+  int current = -1;
+  const std::function<void()>* job = nullptr;
+
+  static Scheduler& get() {
+    static Scheduler s;
+    return s;
+  }
+  static void entry() {
+    Scheduler& s = get();
+    const int id = s.current;
+    (*s.job)();
+    tls_cta->warps[id / 32]->bar.drop();  // a thread that returned no longer takes part
+    tls_cta->bar.drop();
+    s.fibers[id].done = true;
+  }  // returns to `main` through uc_link
+
+  void run_cta(int threads, const std::function<void()>& fn) {
+    Cta cta(threads);
+    if (static_cast<int>(fibers.size()) < threads) fibers.resize(threads);
+    job = &fn;
+    for (int i = 0; i < threads; ++i) {
+      Fiber& f = fibers[i];
+      if (!f.stack) f.stack.reset(new char[kStack]);
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = f.stack.get();
+      f.ctx.uc_stack.ss_size = kStack;
+      f.ctx.uc_link = &main;
+      makecontext(&f.ctx, &Scheduler::entry, 0);
+      f.done = false;
+    }
+    for (bool left = true; left;) {  // round robin until every thread has returned
+      left = false;
+      for (int i = 0; i < threads; ++i) {
+        if (fibers[i].done) continue;
+        current = i;
+        tls_cta = &cta;
+        threadIdx = make_uint3(static_cast<unsigned>(i), 0, 0);
+        swapcontext(&main, &fibers[i].ctx);
+        left |= !fibers[i].done;
+      }
+    }
+    current = -1;
+    tls_cta = nullptr;
+  }
+};
+
+// Called by a fiber waiting at a barrier: lets the others run.
+inline void yield() {
+  Scheduler& s = Scheduler::get();
+  swapcontext(&s.fibers[s.current].ctx, &s.main);
+}
+
+// Runs fn for every thread of every CTA of the grid; CTAs in order, threads interleaved.
 inline void launch(dim3 grid, dim3 block, const std::function<void()>& fn) {
   const int threads = static_cast<int>(block.x * block.y * block.z);
+  gridDim = grid;
+  blockDim = block;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
-        Cta cta(threads);
-        std::vector<std::thread> pool;
-        pool.reserve(threads);
-        for (int t = 0; t < threads; ++t) {
-          pool.emplace_back([&, t] {
-            tls_cta = &cta;
-            threadIdx = make_uint3(static_cast<unsigned>(t), 0, 0);
-            blockIdx = make_uint3(x, y, z);
-            blockDim = block;
-            gridDim = grid;
-            fn();
-            cta.warps[t / 32]->bar.drop();  // a thread that returned no longer takes part
-            cta.bar.drop();
-          });
-        }
-        for (auto& th : pool) th.join();
+        blockIdx = make_uint3(x, y, z);
+        Scheduler::get().run_cta(threads, fn);
       }
 }
 
@@ -207,6 +255,7 @@ inline bool __any_sync(unsigned, bool pred) { return milora::emu::ballot(pred) !
 inline int __ffs(int v) { return __builtin_ffs(v); }
 inline int __ffs(unsigned v) { return __builtin_ffs(static_cast<int>(v)); }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __clz(int v) { return v == 0 ? 32 : __builtin_clz(static_cast<unsigned>(v)); }
 
 // cudaLaunchKernelEx (the runtime's C++ template) runs the kernel in the emulator; launch
 // attributes (programmatic dependent launch) do not apply to sequential execution.

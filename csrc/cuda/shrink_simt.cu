@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(kShrinkThreads) milora_shrink_simt_kernel(cons
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t K = a.K, E = a.E, R = a.R;
 
-  const Route rt = route_token(a.idx, t, a.T);  // same addresses in every thread: broadcast
+  const Route rt = route_token_warp(a.idx, t, a.T, lane);  // every warp the same, in few loads
   if (blockIdx.y == 0 && threadIdx.x == 0) store_route(a.routes, t, rt);
   if (rt.p < 0) return;
   const float gate = a.gates[rt.s * E + e];
