@@ -88,10 +88,36 @@ def test_emulated_garbage_indices_stay_in_bounds(emu, path):
     case["adapter_ids"] = torch.tensor([1, 99, -5], dtype=torch.int64)
     y = emu.run(*cc.args(case), path)
     assert y.shape == (12, 40)
-    # clamped offsets [0, 3, 12, 2]: tokens 0..2 -> sequence 0 (adapter 1); tokens 3..11 ->
-    # sequence 2 per the search, whose end (2) is before them -> no LoRA: base only.
+    # Clamped offsets [0, 3, 12, 2]: tokens 0..2 -> sequence 0 (adapter 1); tokens 3..11 ->
+    # sequence 1 (the last with start <= t), adapter 99 >= P -> no LoRA: base only.
     good = dict(case)
     good["seq_offsets"] = torch.tensor([0, 3, 12], dtype=torch.int64)
     good["adapter_ids"] = torch.tensor([1, -1], dtype=torch.int64)
     good["gates"] = case["gates"][:2]
     cc.check_close(y, good, f"garbage indices {path}")
+
+
+_GARBAGE = [
+    ([0, 2, 1, 10**9, -5], [7, -3, 2, 10**6]),
+    ([-100, -1, 10**6, 3, 3], [0, 1, 2, 3]),
+    ([10**6, 0, 3, 0, 1], [2, 2, 2, -1]),
+    ([2**40, -(2**40), 3, 4, 5], [2**40, -(2**40), 0, 1]),
+]
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
+@pytest.mark.parametrize("which", range(len(_GARBAGE)))
+@pytest.mark.parametrize("path,dtype,T", [("decode", torch.bfloat16, 5), ("decode", torch.float16, 64),
+                                          ("preinit", torch.bfloat16, 70), ("rmw", torch.float16, 70),
+                                          ("fp32", torch.float32, 9)])
+def test_emulated_garbage_indices_give_finite_output(emu, path, dtype, T, which, index_dtype):
+    """Whatever the indices hold, every route stays in range: no crash, and no read of an
+    undefined (NaN-filled) workspace entry or unwritten output."""
+    offs, ids = _GARBAGE[which]
+    lim = 2**31 - 1 if index_dtype == torch.int32 else 2**62
+    case = cc.make_case(K=40, N=24, E=2, R=8, seq_lens=[T], P=3, dtype=dtype)
+    case["seq_offsets"] = torch.tensor([max(min(v, lim), -lim) for v in offs], dtype=index_dtype)
+    case["adapter_ids"] = torch.tensor([max(min(v, lim), -lim) for v in ids], dtype=index_dtype)
+    case["gates"] = torch.rand(len(ids), 2)
+    y = emu.run(*cc.args(case), path)
+    assert y.shape == (T, 24) and torch.isfinite(y.float()).all()
