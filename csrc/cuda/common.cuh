@@ -69,6 +69,23 @@ __device__ __forceinline__ uint32_t load_bits16(const T* p) {
 
 // ---- loads -----------------------------------------------------------------------------
 
+// Plain (coherent) vector load / store of a V (float4, int2, uint32_t...) at p, which must
+// be sizeof(V)-aligned (the emulator checks it).
+template <typename V>
+__device__ __forceinline__ V load_vec(const void* p) {
+#ifdef MILORA_CUDA_EMULATION
+  emu::check_aligned(p, sizeof(V));
+#endif
+  return *reinterpret_cast<const V*>(p);
+}
+template <typename V>
+__device__ __forceinline__ void store_vec(void* p, V v) {
+#ifdef MILORA_CUDA_EMULATION
+  emu::check_aligned(p, sizeof(V));
+#endif
+  *reinterpret_cast<V*>(p) = v;
+}
+
 __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
@@ -91,7 +108,7 @@ __device__ __forceinline__ uint64_t l2_policy_evict_first() {
 // eviction in L2, so that the small operands that are reused (x, lora_a, lora_b) stay there.
 __device__ __forceinline__ uint4 ldg16_stream(const void* p) {
 #ifdef MILORA_CUDA_EMULATION
-  return *reinterpret_cast<const uint4*>(p);
+  return load_vec<uint4>(p);
 #else
   uint4 r;
   asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
@@ -234,12 +251,12 @@ __device__ __forceinline__ Route route_token_warp(const IndexArgs& ix, int64_t t
 }
 
 __device__ __forceinline__ Route load_route(const int32_t* routes, int64_t t) {
-  const int2 v = *reinterpret_cast<const int2*>(routes + 2 * t);
+  const int2 v = load_vec<int2>(routes + 2 * t);
   return Route{v.x, v.y};
 }
 
 __device__ __forceinline__ void store_route(int32_t* routes, int64_t t, Route r) {
-  *reinterpret_cast<int2*>(routes + 2 * t) = make_int2(r.s, r.p);
+  store_vec<int2>(routes + 2 * t, make_int2(r.s, r.p));
 }
 
 // ---- launching -------------------------------------------------------------------------

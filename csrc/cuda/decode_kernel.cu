@@ -39,8 +39,8 @@ struct DecodeArgs {
 // Adds b[0..7] . u[0..7] to acc (b: 8 packed 16-bit values, u: 8 floats).
 template <typename scalar_t>
 __device__ __forceinline__ float dot8(uint4 b, const float* u, float acc) {
-  const float4 u0 = *reinterpret_cast<const float4*>(u);
-  const float4 u1 = *reinterpret_cast<const float4*>(u + 4);
+  const float4 u0 = load_vec<float4>(u);
+  const float4 u1 = load_vec<float4>(u + 4);
   const float2 b0 = unpack2<scalar_t>(b.x), b1 = unpack2<scalar_t>(b.y), b2 = unpack2<scalar_t>(b.z),
                b3 = unpack2<scalar_t>(b.w);
   acc = fmaf(b0.x, u0.x, acc);

@@ -27,6 +27,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -41,6 +43,14 @@ inline dim3 gridDim;
 namespace milora::emu {
 
 void yield();
+
+// A misaligned vector access faults on a GPU; here it stops the process with a message.
+inline void check_aligned(const void* p, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) {
+    std::fprintf(stderr, "milora CUDA emulation: misaligned %zu-byte access at %p\n", bytes, p);
+    std::abort();
+  }
+}
 
 // A reusable barrier whose party count shrinks when a thread exits early.
 class Barrier {
@@ -240,6 +250,7 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& fn) {
 inline void __syncthreads() { milora::emu::tls_cta->bar.wait(); }
 template <typename V>
 inline V __ldg(const V* p) {
+  milora::emu::check_aligned(p, alignof(V));
   return *p;
 }
 template <typename V>

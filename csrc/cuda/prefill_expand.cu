@@ -37,7 +37,7 @@ constexpr int kWarpTiles = 8;  // n8 tiles per warp: 64 columns
 __device__ __forceinline__ float4 load_u4(const float* row, int64_t r, int64_t R, bool on, bool vec) {
   float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
   if (!on || r >= R) return v;
-  if (vec) return *reinterpret_cast<const float4*>(row + r);  // R % 4 == 0: r + 4 <= R
+  if (vec) return load_vec<float4>(row + r);  // R % 4 == 0: r + 4 <= R
   v.x = row[r];
   if (r + 1 < R) v.y = row[r + 1];
   if (r + 2 < R) v.z = row[r + 2];
@@ -79,7 +79,7 @@ __device__ __forceinline__ void store_pair(scalar_t* y, int64_t t, int64_t col, 
     if (two) v1 += to_float(p[1]);
   }
   if (two && pair_ok) {  // N even, col even: 4-byte aligned
-    *reinterpret_cast<uint32_t*>(p) = pack2<scalar_t>(v0, v1);
+    store_vec<uint32_t>(p, pack2<scalar_t>(v0, v1));
   } else {
     p[0] = from_float<scalar_t>(v0);
     if (two) p[1] = from_float<scalar_t>(v1);

@@ -4,6 +4,11 @@
 and returns a module whose `run(x, weight, bias, lora_a, lora_b, seq_offsets, adapter_ids,
 gates, path)` computes gated_lora_linear on CPU tensors through the real kernels, path one
 of "auto", "fp32", "decode", "preinit", "rmw".
+
+Out-of-bounds accesses of the kernels: MILORA_EMULATION_SANITIZE=address builds the
+emulator with AddressSanitizer (build/cuda_emulation_asan); run python with
+    LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0
+e.g. to run tests/test_cuda_emulated.py under it.
 """
 from __future__ import annotations
 
@@ -40,14 +45,19 @@ def load(verbose: bool = False):
     inc = cuda_include_dir()
     if inc is None:
         raise FileNotFoundError("CUDA headers (cuda_fp16.h) not found: set CUDA_HOME")
-    build_dir = os.path.join(ROOT, "build", "cuda_emulation")
+    cflags, ldflags, suffix = ["-O1", "-DMILORA_CUDA_EMULATION"], [], ""
+    if os.environ.get("MILORA_EMULATION_SANITIZE") == "address":
+        cflags += ["-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
+        ldflags += ["-fsanitize=address"]
+        suffix = "_asan"
+    build_dir = os.path.join(ROOT, "build", "cuda_emulation" + suffix)
     os.makedirs(build_dir, exist_ok=True)
     return _load(
-        name="milora_cuda_emulation",
+        name="milora_cuda_emulation" + suffix,
         sources=[os.path.join(HERE, s) for s in SOURCES],
         extra_include_paths=[os.path.join(ROOT, "csrc"), inc],
-        extra_cflags=["-O1", "-DMILORA_CUDA_EMULATION", "-Wno-unused-function"],
-        extra_ldflags=["-lpthread"],
+        extra_cflags=cflags,
+        extra_ldflags=ldflags,
         build_directory=build_dir,
         with_cuda=False,
         verbose=verbose,
