@@ -11,6 +11,7 @@ Methods (all produce the same y):
   milora        milora_ext.gated_lora_linear, index checks off (as under CUDA graphs)
   milora_graph  the same op replayed from a CUDA graph (no CPU launch overhead)
   milora_nopdl  decode only: MILORA_PDL=0 (shrink and fused kernel serialised)
+  milora_rows16 decode, T > 16 only: MILORA_DECODE_ROW_TILES=1 (16 rows per CTA, not 32)
   milora_rmw    prefill only: MILORA_PREFILL_EPILOGUE=rmw (GEMM first, expand adds into y)
   lora_torch    F.linear + the LoRA term by batched torch ops (decode: per-token gathered
                 A/B and bmm; prefill: one matmul pair per sequence and expert)
@@ -259,6 +260,8 @@ def main():
                 }
                 if sh["phase"] == "decode":
                     methods["milora_nopdl"] = with_env(op, MILORA_PDL="0")
+                    if sh["T"] > 16:
+                        methods["milora_rows16"] = with_env(op, MILORA_DECODE_ROW_TILES="1")
                 else:
                     methods["milora_rmw"] = with_env(op, MILORA_PREFILL_EPILOGUE="rmw")
                 floor_ms = floor_bytes(sh, dtype) / traffic * 1e3

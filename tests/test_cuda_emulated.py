@@ -56,11 +56,13 @@ def test_emulated_kernels_match_reference(emu, name, dtype, path):
     cc.check_close(y, case, f"{name} {dtype} {path}")
 
 
+@pytest.mark.parametrize("path", ["decode", "decode_rt1"])
 @pytest.mark.parametrize("T", [1, 7, 8, 9, 16, 17, 32, 33, 63, 64])
-def test_emulated_decode_token_tiles(emu, T):
-    """Every token-tile width of the fused decode kernel (8, 16, 32, 64 tokens) at its edges."""
+def test_emulated_decode_token_tiles(emu, T, path):
+    """Every token-tile width of the fused decode kernel (8, 16, 32, 64 tokens) at its edges,
+    with 32 (default) and 16 (decode_rt1) output rows per CTA."""
     case = cc.make_case(K=40, N=36, E=2, R=8, seq_lens=[1] * T, P=max(T // 2, 1), dtype=torch.bfloat16)
-    cc.check_close(emu.run(*cc.args(case), "decode"), case, f"decode T={T}")
+    cc.check_close(emu.run(*cc.args(case), path), case, f"{path} T={T}")
 
 
 @pytest.mark.parametrize("T", [63, 64, 65])

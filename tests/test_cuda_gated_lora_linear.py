@@ -65,6 +65,7 @@ SWITCHES = {
     "prefill_rmw": {"MILORA_PREFILL_EPILOGUE": "rmw", "MILORA_DECODE_MAX_TOKENS": "0"},
     "prefill_preinit": {"MILORA_PREFILL_EPILOGUE": "preinit", "MILORA_DECODE_MAX_TOKENS": "0"},
     "decode_no_pdl": {"MILORA_PDL": "0"},
+    "decode_16_rows": {"MILORA_DECODE_ROW_TILES": "1"},
 }
 
 

@@ -181,19 +181,22 @@ cudaError_t launch_one(const DecodeArgs& d, bool pdl, cudaStream_t stream) {
 }
 
 template <typename scalar_t>
-cudaError_t launch_typed(const DecodeArgs& d, bool pdl, cudaStream_t stream) {
-  // NT token tiles of 8 (power of two >= T); RT row tiles of 16 per CTA.
+cudaError_t launch_typed(const DecodeArgs& d, int row_tiles, bool pdl, cudaStream_t stream) {
+  // NT token tiles of 8 (power of two >= T); RT row tiles of 16 per CTA: 1 up to 16 tokens,
+  // 2 above (row_tiles = 1 or 2 forces it for T > 16; a tuning switch).
   const int64_t tokens = d.l.T;
   if (tokens <= 8) return launch_one<scalar_t, 1, 1>(d, pdl, stream);
   if (tokens <= 16) return launch_one<scalar_t, 2, 1>(d, pdl, stream);
-  if (tokens <= 32) return launch_one<scalar_t, 4, 2>(d, pdl, stream);
-  return launch_one<scalar_t, 8, 2>(d, pdl, stream);
+  if (tokens <= 32) {
+    return row_tiles == 1 ? launch_one<scalar_t, 4, 1>(d, pdl, stream) : launch_one<scalar_t, 4, 2>(d, pdl, stream);
+  }
+  return row_tiles == 1 ? launch_one<scalar_t, 8, 1>(d, pdl, stream) : launch_one<scalar_t, 8, 2>(d, pdl, stream);
 }
 
 }  // namespace
 
-cudaError_t launch_decode_fused(
-    const LoraArgs& a, const void* weight, const void* bias, void* y, bool pdl, cudaStream_t stream) {
+cudaError_t launch_decode_fused(const LoraArgs& a, const void* weight, const void* bias, void* y, int row_tiles,
+                                bool pdl, cudaStream_t stream) {
   if (a.T < 1 || a.T > kDecodeMaxTokens || a.dtype == DType::kFloat32) return cudaErrorInvalidValue;
   DecodeArgs d;
   d.l = a;
@@ -202,8 +205,8 @@ cudaError_t launch_decode_fused(
   d.y = y;
   d.vec_xw = a.K % 8 == 0 && host_aligned(a.x, 16) && host_aligned(weight, 16);
   d.vec_b = a.R % 8 == 0 && host_aligned(a.lora_b, 16);
-  if (a.dtype == DType::kFloat16) return launch_typed<__half>(d, pdl, stream);
-  return launch_typed<__nv_bfloat16>(d, pdl, stream);
+  if (a.dtype == DType::kFloat16) return launch_typed<__half>(d, row_tiles, pdl, stream);
+  return launch_typed<__nv_bfloat16>(d, row_tiles, pdl, stream);
 }
 
 }  // namespace milora::cuda

@@ -13,6 +13,10 @@
 //   float32: y = at::linear (cuBLAS, no TF32 unless PyTorch is told to), shrink_simt,
 //           expand_simt: exact float32 accumulation, no tensor cores.
 //
+// Tuning switches (environment, read at every call): MILORA_DECODE_MAX_TOKENS (default 64),
+// MILORA_DECODE_ROW_TILES=1 (16 rows per decode CTA for T > 16; default 32), MILORA_PDL=0,
+// MILORA_PREFILL_EPILOGUE=rmw. docs/cuda_kernels.md has the design.
+//
 // Why T <= 64 for decode: the fused kernel re-reads x from L2 in every CTA (its cost grows
 // with T / rows-per-CTA) and holds T/8 accumulator tiles per warp; at T = 64 it still reads
 // W at close to the HBM rate, above that cuBLAS's large tiles reuse x better and the
@@ -50,6 +54,11 @@ int64_t decode_max_tokens() {
 bool env_off(const char* name) {
   const char* v = std::getenv(name);
   return v != nullptr && (std::strcmp(v, "0") == 0 || std::strcmp(v, "off") == 0 || std::strcmp(v, "false") == 0);
+}
+
+int decode_row_tiles() {
+  const char* v = std::getenv("MILORA_DECODE_ROW_TILES");
+  return v != nullptr && std::strcmp(v, "1") == 0 ? 1 : 2;
 }
 
 bool prefill_preinit() {
@@ -103,9 +112,9 @@ at::Tensor gated_lora_linear_cuda(
       sh.R <= kMaxRank, op, ": the CUDA kernels support LoRA rank R <= ", kMaxRank, ", got R = ", sh.R,
       " (lora_a of shape ", lora_a.sizes(), ")");
   TORCH_CHECK_VALUE(
-      sh.T < INT_MAX && sh.S < INT_MAX && sh.P < INT_MAX && sh.N < (int64_t{1} << 23), op,
-      ": the CUDA kernels support T, S, P < 2^31 and N < 2^23, got T = ", sh.T, ", S = ", sh.S, ", P = ", sh.P,
-      ", N = ", sh.N);
+      sh.T < INT_MAX && sh.S < INT_MAX && sh.P < INT_MAX && sh.N < (int64_t{1} << 22), op,
+      ": the CUDA kernels support T, S, P < 2^31 and N < 2^22 (grid limits), got T = ", sh.T, ", S = ", sh.S,
+      ", P = ", sh.P, ", N = ", sh.N);
 
   auto out_shape = x.sizes().vec();
   out_shape.back() = sh.N;
@@ -156,7 +165,7 @@ at::Tensor gated_lora_linear_cuda(
     check_launch(launch_shrink_simt(a, /*prefetch_b=*/true, stream));
     y = at::empty({sh.T, sh.N}, x.options());                             // [T, N]
     const bool pdl = !env_off("MILORA_PDL") && device_has_pdl(x.get_device());
-    check_launch(launch_decode_fused(a, w.data_ptr(), bias_ptr, y.data_ptr(), pdl, stream));
+    check_launch(launch_decode_fused(a, w.data_ptr(), bias_ptr, y.data_ptr(), decode_row_tiles(), pdl, stream));
   } else if (prefill_preinit()) {
     check_launch(launch_shrink_tc(a, stream));
     y = at::empty({sh.T, sh.N}, x.options());                             // [T, N]

@@ -59,8 +59,9 @@ cudaError_t launch_shrink_simt(const LoraArgs& a, bool prefetch_b, cudaStream_t 
 // each CTA owning a block of output rows over all of K, y written once. Needs routes / U
 // from launch_shrink_simt, issued just before on the same stream; with pdl the kernel is
 // launched as a programmatic dependent of it (compute capability >= 9.0 only).
-cudaError_t launch_decode_fused(
-    const LoraArgs& a, const void* weight, const void* bias, void* y, bool pdl, cudaStream_t stream);
+// row_tiles: output rows per CTA in tiles of 16 for T > 16 (1 or 2; 0 = the default, 2).
+cudaError_t launch_decode_fused(const LoraArgs& a, const void* weight, const void* bias, void* y, int row_tiles,
+                                bool pdl, cudaStream_t stream);
 
 // Tensor-core shrink for prefill (float16 / bfloat16): writes routes and U.
 cudaError_t launch_shrink_tc(const LoraArgs& a, cudaStream_t stream);

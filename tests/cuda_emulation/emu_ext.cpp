@@ -63,10 +63,11 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& weight, const c10::optiona
     y = at::linear(x2, w, bias).contiguous();
     ok(mc::launch_shrink_simt(a, false, stream), "shrink_simt");
     ok(mc::launch_expand_simt(a, y.data_ptr(), stream), "expand_simt");
-  } else if (p == "decode") {
+  } else if (p == "decode" || p == "decode_rt1") {
     ok(mc::launch_shrink_simt(a, true, stream), "shrink_simt");
     y = at::full({T, N}, nan, x.options());
-    ok(mc::launch_decode_fused(a, w.data_ptr(), bias_ptr, y.data_ptr(), true, stream), "decode_fused");
+    const int row_tiles = p == "decode_rt1" ? 1 : 2;
+    ok(mc::launch_decode_fused(a, w.data_ptr(), bias_ptr, y.data_ptr(), row_tiles, true, stream), "decode_fused");
   } else if (p == "preinit") {
     ok(mc::launch_shrink_tc(a, stream), "shrink_tc");
     y = at::full({T, N}, nan, x.options());
@@ -86,5 +87,5 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& weight, const c10::optiona
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("run", &run, "gated_lora_linear through the CPU-emulated CUDA kernels (path: auto, fp32, decode, "
-                     "preinit, rmw)");
+                     "decode_rt1, preinit, rmw)");
 }
