@@ -89,7 +89,9 @@ def _extension():
         sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
         arch_list = os.environ.get("MILORA_CUDA_ARCH_LIST") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;8.6;8.9;9.0+PTX"
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
-        print(f"milora: building the CUDA kernels for {arch_list} with {CUDA_HOME}", file=sys.stderr)
+        cuda_files = [os.path.basename(p) for p in sources if p.startswith(os.path.join("csrc", "cuda"))]
+        print(f"milora: building the CUDA kernels for {arch_list} with {CUDA_HOME}: {', '.join(cuda_files)}",
+              file=sys.stderr)
         extra["cxx"].append("-DMILORA_WITH_CUDA")
         extra["nvcc"] = ["-O3", "-DMILORA_WITH_CUDA", "--expt-relaxed-constexpr", "-lineinfo"]
         return CUDAExtension("milora_ext._C", sources, include_dirs=include_dirs,

@@ -6,6 +6,8 @@
 See `milora_ext.ops.gated_lora_linear` for the contract, and `milora_ext.reference` for the
 plain PyTorch implementation the tests and benchmarks compare against.
 """
+import torch  # noqa: F401  (first: _C links against libtorch / libc10, which it loads)
+
 from . import _C  # noqa: F401  (loads the compiled library, which registers torch.ops.milora_ext)
 from .ops import (  # noqa: F401
     check_indices,
