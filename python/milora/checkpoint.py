@@ -1,0 +1,301 @@
+"""Adapter save / load: a directory with `milora_config.json` and `adapter_model.safetensors`
+(JSON + safetensors only, never pickle).
+
+milora_config.json:
+    {"format": "milora", "format_version": 1,
+     "adapter_kind": "prompt" | "token" | "static",
+     "config": {...MiLoRAConfig fields...},
+     "base_model": {"model_type": ..., "hidden_size": d, "num_hidden_layers": L},
+     "modules": {"layers.<i>.<module>": {"rank": r, "scaling": alpha / r}, ...}}
+
+adapter_model.safetensors (E = config.experts_per_module, r = the module's rank):
+    layers.<i>.<module>.lora_A            [E, r, in_features]     (model dtype)
+    layers.<i>.<module>.lora_B            [E, out_features, r]
+    layers.<i>.<module>.router            [E, in_features]        float32, token routing only
+    layers.<i>.router.<module>.weight     [E, d]   float32, prompt routing: the layer router's
+                                                   rows for this module (nn.Linear layout)
+    layers.<i>.router.pool_query          [d]      prompt routing with pooler "self_attn"
+    layers.<i>.router.rational_num        [7]      prompt routing with activation "rational"
+    layers.<i>.router.rational_den        [5]
+
+Loading reads and validates everything (JSON fields, the set of tensor names, every shape
+against the model, target modules present in the model, no name clash) before the model is
+touched: a missing, truncated or mismatched file raises and leaves the model unchanged.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .config import MODULE_INDEX, MODULE_NAMES, MiLoRAConfig
+from .layer import ADAPTER_KINDS
+
+CONFIG_NAME = "milora_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "milora"
+FORMAT_VERSION = 1
+
+_MODULE_KEY = re.compile(r"^layers\.(\d+)\.(" + "|".join(MODULE_NAMES) + r")$")
+
+
+@dataclass
+class AdapterSpec:
+    """A validated-on-read adapter description, ready to be checked against a model and installed."""
+
+    config: MiLoRAConfig
+    kind: str
+    modules: Dict[Tuple[int, str], Tuple[int, float]]  # (layer, module) -> (rank, scaling)
+    tensors: Dict[str, Tensor]                          # names as in the module docstring
+    base: Dict = field(default_factory=dict)            # hidden_size / num_hidden_layers, if known
+
+
+def _hidden_size(layers, model_config) -> int:
+    d = getattr(model_config, "hidden_size", None)
+    if d is not None:
+        return int(d)
+    from .model import get_target_linear
+    for m in MODULE_NAMES:
+        lin = get_target_linear(layers, 0, m)
+        if lin is not None and m != "down_proj":
+            return int(lin.in_features)
+    raise ValueError("MiLoRA: cannot determine the model's hidden size")
+
+
+def expected_shapes(layers, model_config, spec: AdapterSpec) -> Dict[str, tuple]:
+    """Tensor name -> shape that `spec` must provide for this model (modules must exist)."""
+    from .model import get_target_linear
+    E = spec.config.experts_per_module
+    d = _hidden_size(layers, model_config)
+    shapes: Dict[str, tuple] = {}
+    router_layers: Dict[int, list] = {}
+    for (i, m), (r, _) in sorted(spec.modules.items()):
+        lin = get_target_linear(layers, i, m)
+        K, N = lin.in_features, lin.out_features
+        shapes[f"layers.{i}.{m}.lora_A"] = (E, r, K)
+        shapes[f"layers.{i}.{m}.lora_B"] = (E, N, r)
+        if spec.kind == "token":
+            shapes[f"layers.{i}.{m}.router"] = (E, K)
+        router_layers.setdefault(i, []).append(m)
+    if spec.kind == "prompt":
+        for i, mods in router_layers.items():
+            for m in mods:
+                shapes[f"layers.{i}.router.{m}.weight"] = (E, d)
+            if spec.config.pooler == "self_attn":
+                shapes[f"layers.{i}.router.pool_query"] = (d,)
+            if spec.config.activation == "rational":
+                shapes[f"layers.{i}.router.rational_num"] = (7,)
+                shapes[f"layers.{i}.router.rational_den"] = (5,)
+    return shapes
+
+
+def validate_spec(layers, model_config, spec: AdapterSpec, source: str) -> None:
+    """Raise ValueError unless `spec` fits the model exactly (see the module docstring)."""
+    from .model import get_target_linear, module_path
+    if spec.kind not in ADAPTER_KINDS:
+        raise ValueError(f"{source}: unknown adapter kind {spec.kind!r}; expected one of {list(ADAPTER_KINDS)}")
+    if spec.kind in ("prompt", "token") and spec.kind != spec.config.routing:
+        raise ValueError(f"{source}: adapter kind {spec.kind!r} does not match config.routing {spec.config.routing!r}")
+    n_layers = spec.base.get("num_hidden_layers")
+    if n_layers is not None and int(n_layers) != len(layers):
+        raise ValueError(f"{source}: adapter was saved for a model with {n_layers} decoder layers, this model has {len(layers)}")
+    d = spec.base.get("hidden_size")
+    if d is not None and int(d) != _hidden_size(layers, model_config):
+        raise ValueError(f"{source}: adapter was saved for hidden_size {d}, this model has {_hidden_size(layers, model_config)}")
+    if not spec.modules:
+        raise ValueError(f"{source}: the adapter adapts no module")
+    targets = set(spec.config.target_modules)
+    used = {m for (_, m) in spec.modules}
+    if used - targets:
+        raise ValueError(f"{source}: mismatched target modules: weights for {sorted(used - targets, key=MODULE_INDEX.get)} "
+                         f"but config.target_modules is {list(spec.config.target_modules)}")
+    if targets - used:
+        raise ValueError(f"{source}: mismatched target modules: config.target_modules lists "
+                         f"{sorted(targets - used, key=MODULE_INDEX.get)} but the adapter has no weights for them")
+    missing = []
+    for (i, m), (r, s) in sorted(spec.modules.items()):
+        if not 0 <= i < len(layers):
+            raise ValueError(f"{source}: module layers.{i}.{m}: layer index out of range (the model has {len(layers)} layers)")
+        if get_target_linear(layers, i, m) is None:
+            missing.append(module_path(i, m))
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"{source}: module layers.{i}.{m}: rank must be an integer >= 1, got {r!r}")
+        if not isinstance(s, (int, float)) or not math.isfinite(s):
+            raise ValueError(f"{source}: module layers.{i}.{m}: scaling must be a finite number, got {s!r}")
+    if missing:
+        raise ValueError(f"{source}: target modules not found in the model: {missing[:8]}")
+    want = expected_shapes(layers, model_config, spec)
+    have = spec.tensors
+    unknown = sorted(set(have) - set(want))
+    if unknown:
+        raise ValueError(f"{source}: unknown tensor name(s) {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+    lacking = sorted(set(want) - set(have))
+    if lacking:
+        raise ValueError(f"{source}: missing tensor(s) {lacking[:8]}{' ...' if len(lacking) > 8 else ''}")
+    for k, shape in want.items():
+        t = have[k]
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise ValueError(f"{source}: tensor {k} must be a floating-point tensor, got {getattr(t, 'dtype', type(t))}")
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{source}: tensor {k} has shape {tuple(t.shape)}, expected {tuple(shape)} for this model")
+
+
+def install_spec(model, adapter_name: str, spec: AdapterSpec) -> None:
+    """Add a validated spec to the model as adapter `adapter_name`."""
+    from .model import AdapterInfo
+    model._check_new_name(adapter_name)
+    info = AdapterInfo(adapter_name, spec.config, spec.kind, dict(spec.modules))
+    model._install_slots(info, init="zeros")
+    t = spec.tensors
+    for (i, m) in spec.modules:
+        lin = model._linears[(i, m)]
+        names = ["lora_A", "lora_B"] + (["router"] if spec.kind == "token" else [])
+        lin.set_adapter_tensors(adapter_name, {n: t[f"layers.{i}.{m}.{n}"] for n in names})
+    if spec.kind == "prompt":
+        p = model._slot_of(adapter_name)
+        E = spec.config.experts_per_module
+        with torch.no_grad():
+            for i, router in enumerate(model.routers):
+                for m in MODULE_NAMES:
+                    k = f"layers.{i}.router.{m}.weight"
+                    if k in t:
+                        router.weight[p, MODULE_INDEX[m], :E].copy_(t[k])
+                if f"layers.{i}.router.pool_query" in t:
+                    router.pool_query[p].copy_(t[f"layers.{i}.router.pool_query"])
+                if f"layers.{i}.router.rational_num" in t:
+                    router.rational_num[p].copy_(t[f"layers.{i}.router.rational_num"])
+                    router.rational_den[p].copy_(t[f"layers.{i}.router.rational_den"])
+    model._changed()
+
+
+def adapter_tensors(model, adapter_name: str) -> Dict[str, Tensor]:
+    """One adapter's tensors under the file names of the module docstring (CPU copies)."""
+    info = model.adapters[adapter_name]
+    out: Dict[str, Tensor] = {}
+    for (i, m) in sorted(info.modules):
+        for k, v in model._linears[(i, m)].get_adapter_tensors(adapter_name).items():
+            out[f"layers.{i}.{m}.{k}"] = v.cpu().contiguous()
+    if info.kind == "prompt":
+        p = model._slot_of(adapter_name)
+        E = info.config.experts_per_module
+        layers_mods: Dict[int, list] = {}
+        for (i, m) in info.modules:
+            layers_mods.setdefault(i, []).append(m)
+        for i, mods in layers_mods.items():
+            r = model.routers[i]
+            for m in mods:
+                out[f"layers.{i}.router.{m}.weight"] = r.weight.detach()[p, MODULE_INDEX[m], :E].float().cpu().clone().contiguous()
+            if info.config.pooler == "self_attn":
+                out[f"layers.{i}.router.pool_query"] = r.pool_query.detach()[p].float().cpu().clone()
+            if info.config.activation == "rational":
+                out[f"layers.{i}.router.rational_num"] = r.rational_num.detach()[p].float().cpu().clone()
+                out[f"layers.{i}.router.rational_den"] = r.rational_den.detach()[p].float().cpu().clone()
+    return out
+
+
+def save_adapter(model, directory, adapter_name: Optional[str]) -> None:
+    """Write `adapter_name` of `model` to `directory` (created if needed)."""
+    from safetensors.torch import save_file
+    if adapter_name is None:
+        raise ValueError("save_pretrained: no active adapter; pass adapter_name")
+    if adapter_name not in model.adapters:
+        raise ValueError(f"save_pretrained: unknown adapter {adapter_name!r}; loaded adapters: {list(model.adapters)}")
+    info = model.adapters[adapter_name]
+    tensors = adapter_tensors(model, adapter_name)
+    cfg = getattr(model.base_model, "config", None)
+    doc = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "adapter_kind": info.kind,
+        "config": info.config.to_dict(),
+        "base_model": {
+            "model_type": getattr(cfg, "model_type", None),
+            "hidden_size": model.hidden_size,
+            "num_hidden_layers": model.num_layers,
+        },
+        "modules": {f"layers.{i}.{m}": {"rank": r, "scaling": s} for (i, m), (r, s) in sorted(info.modules.items())},
+    }
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt", "milora_format": str(FORMAT_VERSION)})
+
+
+def read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"MiLoRA: {path} is missing")
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            doc = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"MiLoRA: {path} is not valid JSON ({e})") from e
+    if not isinstance(doc, dict):
+        raise ValueError(f"MiLoRA: {path} must hold a JSON object")
+    return doc
+
+
+def read_safetensors(path: str) -> Dict[str, Tensor]:
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"MiLoRA: {path} is missing")
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:  # SafetensorError, OSError, ...: truncated or corrupt file
+        raise ValueError(f"MiLoRA: {path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
+def read_adapter_dir(directory) -> AdapterSpec:
+    """Read and check a saved MiLoRA adapter directory (nothing is validated against a model yet)."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"MiLoRA: adapter directory {directory} does not exist")
+    cfg_path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(cfg_path) and os.path.isfile(os.path.join(directory, "adapter_config.json")):
+        raise FileNotFoundError(f"MiLoRA: {cfg_path} is missing; {directory} looks like a PEFT adapter: use load_peft_adapter")
+    doc = read_json(cfg_path)
+    if doc.get("format") != FORMAT:
+        raise ValueError(f"MiLoRA: {cfg_path}: 'format' must be {FORMAT!r}, got {doc.get('format')!r}")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"MiLoRA: {cfg_path}: unsupported format_version {doc.get('format_version')!r} (this milora reads {FORMAT_VERSION})")
+    known = {"format", "format_version", "adapter_kind", "config", "base_model", "modules"}
+    unknown = sorted(set(doc) - known)
+    if unknown:
+        raise ValueError(f"MiLoRA: {cfg_path}: unknown field(s) {unknown}")
+    try:
+        config = MiLoRAConfig.from_dict(doc.get("config"))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"MiLoRA: {cfg_path}: bad config: {e}") from e
+    kind = doc.get("adapter_kind")
+    if kind not in ADAPTER_KINDS:
+        raise ValueError(f"MiLoRA: {cfg_path}: adapter_kind must be one of {list(ADAPTER_KINDS)}, got {kind!r}")
+    mods = doc.get("modules")
+    if not isinstance(mods, dict) or not mods:
+        raise ValueError(f"MiLoRA: {cfg_path}: 'modules' must be a non-empty object")
+    modules: Dict[Tuple[int, str], Tuple[int, float]] = {}
+    for k, v in mods.items():
+        mt = _MODULE_KEY.match(k)
+        if mt is None:
+            raise ValueError(f"MiLoRA: {cfg_path}: bad module key {k!r}; expected 'layers.<i>.<module>' with module in {list(MODULE_NAMES)}")
+        if not isinstance(v, dict) or set(v) != {"rank", "scaling"}:
+            raise ValueError(f"MiLoRA: {cfg_path}: module {k!r} must be an object with 'rank' and 'scaling'")
+        modules[(int(mt.group(1)), mt.group(2))] = (v["rank"], v["scaling"])
+    base = doc.get("base_model") or {}
+    if not isinstance(base, dict):
+        raise ValueError(f"MiLoRA: {cfg_path}: 'base_model' must be an object")
+    tensors = read_safetensors(os.path.join(directory, WEIGHTS_NAME))
+    return AdapterSpec(config, kind, modules, tensors, base)
+
+
+def load_adapter(model, directory, adapter_name: str) -> None:
+    """Validate the directory against `model`, then add it as `adapter_name`."""
+    model._check_new_name(adapter_name)
+    spec = read_adapter_dir(directory)
+    validate_spec(model.layers, getattr(model.base_model, "config", None), spec, os.fspath(directory))
+    install_spec(model, adapter_name, spec)

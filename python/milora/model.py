@@ -1,0 +1,653 @@
+"""MiLoRAModel: a LLaMA-family causal LM (transformers 5.x) with MiLoRA adapters.
+
+`get_milora_model(model, config)` replaces the target linears of every decoder layer
+(`model.model.layers[i].self_attn.{q,k,v,o}_proj`, `.mlp.{gate,up,down}_proj`) by
+`MiLoRALinear` (sharing the frozen base weights), adds one `PromptRouter` per decoder layer and
+installs three kinds of hooks:
+
+  * a forward pre-hook on the decoder stack (`model.model`): once per forward it resolves each
+    row's adapter slot, builds / reuses the index tensors of the op and decides whether this
+    forward routes (prefill: the KV cache is empty or absent; decode: it is not);
+  * a forward pre-hook on each decoder layer: on a routing forward only, it runs the layer's
+    router on the hidden states entering the layer, pooled over the prompt tokens, and stores
+    the gates of each adapted linear ([B, E], LoRA scaling included) in the routing state;
+  * a forward hook on the decoder stack that deactivates the routing state.
+
+Decode steps therefore run no router and no per-linear index work: each adapted linear makes
+one `milora_ext.gated_lora_linear` call that serves the whole batch (every row its own adapter
+and gates). Adapter kinds:
+  * "prompt": MiLoRA (config.routing="prompt"), gates from the layer routers;
+  * "token": per-token MoE-LoRA (config.routing="token", MOELoRA baseline), a router at every
+    adapted linear that runs on every token of every step, the op called with one sequence per
+    token;
+  * "static": no router, every adapted module on with gate alpha / r (imported PEFT adapters).
+Rows of different kinds can share a batch.
+
+Not supported: gradient checkpointing (recomputation would re-run hooks outside the forward),
+chunked prefill (the router sees the first chunk only), models whose layers are not under
+`model.model.layers`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .config import MODULE_INDEX, MODULE_NAMES, MODULE_PARENTS, MiLoRAConfig
+from .layer import MiLoRALinear
+from .router import PromptRouter
+from .routing_state import RoutingRequest, RoutingState
+
+BASE_NAMES = (None, "base")
+
+
+@dataclass
+class AdapterInfo:
+    """One loaded adapter: its config, kind and per-module (rank, scaling)."""
+
+    name: str
+    config: MiLoRAConfig
+    kind: str                                         # "prompt" | "token" | "static"
+    modules: Dict[Tuple[int, str], Tuple[int, float]]  # (layer, module) -> (rank, scaling)
+
+
+# ---- structure checks ---------------------------------------------------------------------
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """model.model.layers of a LLaMA-family causal LM, or a ValueError naming what is missing."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None) if inner is not None else None
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError(
+            f"MiLoRA supports LLaMA-family causal LMs (Llama, Mistral, Qwen2, Qwen3, ...) whose decoder layers are "
+            f"`model.model.layers`; {type(model).__name__} has no `model.layers` ModuleList"
+        )
+    return layers
+
+
+def module_path(layer_idx: int, module: str) -> str:
+    return f"model.layers.{layer_idx}.{MODULE_PARENTS[module]}.{module}"
+
+
+def get_target_linear(layers: Sequence[nn.Module], layer_idx: int, module: str) -> Optional[nn.Module]:
+    """The nn.Linear / MiLoRALinear at layers[layer_idx].<parent>.<module>, or None."""
+    if not 0 <= layer_idx < len(layers):
+        return None
+    parent = getattr(layers[layer_idx], MODULE_PARENTS[module], None)
+    lin = getattr(parent, module, None) if parent is not None else None
+    return lin if isinstance(lin, (nn.Linear, MiLoRALinear)) else None
+
+
+def check_target_modules(layers: Sequence[nn.Module], target_modules: Sequence[str], model_name: str = "model") -> None:
+    """Raise a ValueError naming every target linear that is missing from the decoder layers."""
+    missing = []
+    for i in range(len(layers)):
+        for m in target_modules:
+            if get_target_linear(layers, i, m) is None:
+                missing.append(module_path(i, m))
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise ValueError(
+            f"MiLoRA: target modules not found in {model_name}: {shown}. MiLoRA needs decoder layers with "
+            f"self_attn.{{q,k,v,o}}_proj and mlp.{{gate,up,down}}_proj nn.Linear modules (restricted to target_modules)"
+        )
+
+
+def _cache_length(cache) -> int:
+    if cache is None:
+        return 0
+    get = getattr(cache, "get_seq_length", None)
+    if get is not None:
+        return int(get())
+    if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)) and cache[0]:
+        return int(cache[0][0].shape[-2])
+    return 0
+
+
+# ---- the model ----------------------------------------------------------------------------
+
+
+class MiLoRAModel(nn.Module):
+    """A causal LM with MiLoRA adapters; see the module docstring. Build with `get_milora_model`
+    or `MiLoRAModel.from_pretrained`. Attributes not found here are looked up on `base_model`."""
+
+    def __init__(self, model: nn.Module, config: MiLoRAConfig, adapter_name: Optional[str] = "default") -> None:
+        super().__init__()
+        if not isinstance(config, MiLoRAConfig):
+            raise TypeError(f"get_milora_model: config must be a MiLoRAConfig, got {type(config).__name__}")
+        layers = find_decoder_layers(model)
+        if any(isinstance(m, MiLoRALinear) for m in model.modules()):
+            raise ValueError("get_milora_model: this model already has MiLoRA layers (wrap the original base model once)")
+        check_target_modules(layers, config.target_modules, type(model).__name__)
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        if hidden is None:
+            hidden = get_target_linear(layers, 0, config.target_modules[0]).in_features
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.base_model = model
+        self.default_config = config
+        self.hidden_size = int(hidden)
+        self.num_layers = len(layers)
+        dev = next(model.parameters()).device
+        self.routers = nn.ModuleList([PromptRouter(self.hidden_size, len(MODULE_NAMES), 1, 0, device=dev) for _ in layers])
+        self.state = RoutingState()
+        self.adapters: Dict[str, AdapterInfo] = {}
+        self.active_adapter: Optional[str] = None
+        self.trainable = True
+        self._linears: Dict[Tuple[int, str], MiLoRALinear] = {}
+        self._version = 0
+        self._tables = None
+        self._default_requests: Dict = {}
+        self._layers_ref = [layers]  # a list so that nn.Module does not register it twice
+        for i in range(self.num_layers):
+            for m in config.target_modules:
+                self._wrap(i, m)
+        self._hooks = [
+            model.model.register_forward_pre_hook(self._on_stack_start, with_kwargs=True),
+            model.model.register_forward_hook(self._on_stack_end, always_call=True),
+        ]
+        for i, layer in enumerate(layers):
+            self._hooks.append(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
+        if adapter_name is not None:
+            self.add_adapter(adapter_name, config)
+
+    # ---- attribute fallback ---------------------------------------------------------------
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self._layers_ref[0]
+
+    @property
+    def routing_state(self) -> RoutingState:
+        return self.state
+
+    def milora_linears(self) -> Dict[Tuple[int, str], MiLoRALinear]:
+        """(layer index, module name) -> MiLoRALinear, for every adapted linear."""
+        return dict(self._linears)
+
+    # ---- wrapping -------------------------------------------------------------------------
+
+    def _wrap(self, layer_idx: int, module: str) -> MiLoRALinear:
+        key = (layer_idx, module)
+        if key in self._linears:
+            return self._linears[key]
+        parent = getattr(self.layers[layer_idx], MODULE_PARENTS[module])
+        base = getattr(parent, module)
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"MiLoRA: {module_path(layer_idx, module)} is not an nn.Linear ({type(base).__name__})")
+        lin = MiLoRALinear.from_linear(base, adapter_name=None)
+        for info in self.adapters.values():  # placeholder slots of the adapters already loaded
+            lin.add_adapter(info.name, r=0, kind=info.kind, top_k=info.config.top_k, gate_mode=info.config.gate_mode)
+        if self.active_adapter is not None:
+            lin.set_adapter(self.active_adapter)
+            lin.lora_dropout = self.adapters[self.active_adapter].config.dropout
+        lin.routing_state = self.state
+        lin.layer_idx = layer_idx
+        lin.module_idx = MODULE_INDEX[module]
+        setattr(parent, module, lin)
+        self._linears[key] = lin
+        return lin
+
+    # ---- adapters -------------------------------------------------------------------------
+
+    def _check_new_name(self, name: str) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"MiLoRA: adapter names must be non-empty strings, got {name!r}")
+        if name in ("base", "__base__"):
+            raise ValueError(f"MiLoRA: {name!r} is reserved for the base model")
+        if name in self.adapters:
+            raise ValueError(f"MiLoRA: adapter {name!r} already exists; delete it first or pick another name")
+
+    def _install_slots(self, info: AdapterInfo, init: str, generator: Optional[torch.Generator] = None) -> None:
+        """Add slot `len(self.adapters)` for `info` to every linear and router (validated input)."""
+        cfg = info.config
+        E = cfg.experts_per_module
+        for key in sorted(info.modules):
+            self._wrap(*key)
+        for key, lin in self._linears.items():
+            rank, scaling = info.modules.get(key, (0, 0.0))
+            lin.add_adapter(info.name, r=rank, scaling=scaling, num_experts=E if rank else 1, kind=info.kind,
+                            top_k=cfg.top_k, gate_mode=cfg.gate_mode, init=init, generator=generator)
+        for router in self.routers:
+            router.add_slot(pooler=cfg.pooler, activation=cfg.activation, top_k=cfg.top_k,
+                            gate_mode=cfg.gate_mode, num_experts=E, generator=generator)
+        self.adapters[info.name] = info
+        self._changed()
+        if self.active_adapter is None:
+            self.set_adapter(info.name)
+        else:
+            self._apply_trainable()
+
+    def add_adapter(self, adapter_name: str, config: Optional[MiLoRAConfig] = None, *, seed: Optional[int] = None) -> None:
+        """Add a new, freshly initialised adapter (LoRA B = 0, so it starts as the base model).
+
+        config defaults to the config given to get_milora_model; its routing decides the kind
+        ("prompt" or "token"). Modules not wrapped yet are wrapped. seed: optional seed of the
+        initialisation."""
+        config = self.default_config if config is None else config
+        if not isinstance(config, MiLoRAConfig):
+            raise TypeError(f"add_adapter: config must be a MiLoRAConfig, got {type(config).__name__}")
+        self._check_new_name(adapter_name)
+        check_target_modules(self.layers, config.target_modules, type(self.base_model).__name__)
+        modules = {(i, m): (config.r, config.scaling) for i in range(self.num_layers) for m in config.target_modules}
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=next(self.base_model.parameters()).device).manual_seed(seed)
+        self._install_slots(AdapterInfo(adapter_name, config, config.routing, modules), "lora", gen)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter (its slot in every linear and router). Wrapped linears stay wrapped."""
+        slot = self._slot_of(adapter_name)
+        for lin in self._linears.values():
+            lin.delete_adapter(adapter_name)
+        for router in self.routers:
+            router.remove_slot(slot)
+        del self.adapters[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+            nxt = next(iter(self.adapters), None)
+            self._changed()
+            self.set_adapter(nxt)
+        else:
+            self._changed()
+
+    def set_adapter(self, adapter_name: Optional[str]) -> None:
+        """Make `adapter_name` active: rows without adapter_names use it, it is the one trained
+        (its Parameters get requires_grad when the model is trainable) and saved by default.
+        None: no active adapter (the base model)."""
+        if adapter_name is not None:
+            self._slot_of(adapter_name)
+        self.active_adapter = adapter_name
+        dropout = self.adapters[adapter_name].config.dropout if adapter_name is not None else 0.0
+        for lin in self._linears.values():
+            lin.set_adapter(adapter_name)
+            lin.lora_dropout = dropout
+        self._default_requests = {}
+        self._apply_trainable()
+
+    def set_trainable(self, trainable: bool = True) -> None:
+        """Make the active adapter trainable (or freeze everything with False)."""
+        self.trainable = bool(trainable)
+        self._apply_trainable()
+
+    def _apply_trainable(self) -> None:
+        kind = self.adapters[self.active_adapter].kind if self.active_adapter is not None else None
+        on = self.trainable and kind is not None
+        for lin in self._linears.values():
+            lin.lora_a.requires_grad_(on)
+            lin.lora_b.requires_grad_(on)
+            if lin.router_weight is not None:
+                lin.router_weight.requires_grad_(on and kind == "token")
+        for router in self.routers:
+            for p in router.parameters():
+                p.requires_grad_(on and kind == "prompt")
+
+    def _slot_of(self, name: str) -> int:
+        for i, n in enumerate(self.adapters):
+            if n == name:
+                return i
+        raise ValueError(f"MiLoRA: unknown adapter {name!r}; loaded adapters: {list(self.adapters)} (or 'base' / None for the base model)")
+
+    @property
+    def adapter_names(self) -> List[str]:
+        return list(self.adapters)
+
+    def _changed(self) -> None:
+        self._version += 1
+        self._tables = None
+        self._default_requests = {}
+        self.state.clear_gates()
+        self.state.request = None
+
+    def _get_tables(self):
+        """Per-slot tables (rebuilt after adapter changes): scale [L, P, 7], static expert
+        weights [P, E], slot is prompt / token [P]."""
+        if self._tables is None:
+            P = len(self.adapters)
+            dev = self.routers[0].weight.device
+            E = self.routers[0].num_experts
+            scale = torch.zeros(self.num_layers, P, len(MODULE_NAMES), dtype=torch.float32, device=dev)
+            for (i, m), lin in self._linears.items():
+                scale[i, :, MODULE_INDEX[m]] = lin.scaling.to(dev)
+            static_w = torch.zeros(P, E, dtype=torch.float32, device=dev)
+            for p, info in enumerate(self.adapters.values()):
+                n = info.config.experts_per_module
+                static_w[p, :n] = 1.0 / n
+            kinds = [info.kind for info in self.adapters.values()]
+            is_prompt = torch.tensor([k == "prompt" for k in kinds], dtype=torch.bool, device=dev)
+            is_token = torch.tensor([k == "token" for k in kinds], dtype=torch.bool, device=dev)
+            layer_lin = [[self._linears.get((i, m)) for m in MODULE_NAMES] for i in range(self.num_layers)]
+            self._tables = (scale, static_w, is_prompt, is_token, layer_lin)
+        return self._tables
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def _make_request(self, adapter_names, batch_size: int, device, mask: Optional[Tensor], collect_aux: bool) -> RoutingRequest:
+        if adapter_names is None:
+            names = [self.active_adapter] * batch_size
+        else:
+            if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+                raise ValueError(f"MiLoRA: adapter_names must be a list with one adapter name (or None / 'base') per batch row, got {type(adapter_names).__name__}")
+            if len(adapter_names) != batch_size:
+                raise ValueError(f"MiLoRA: adapter_names has {len(adapter_names)} entries but the batch has {batch_size} rows")
+            names = list(adapter_names)
+        order = {n: i for i, n in enumerate(self.adapters)}
+        slots = []
+        for n in names:
+            if n in BASE_NAMES or n == "__base__":
+                slots.append(-1)
+            elif n in order:
+                slots.append(order[n])
+            else:
+                raise ValueError(f"MiLoRA: unknown adapter {n!r} in adapter_names; loaded adapters: {list(self.adapters)} (None or 'base' = base model)")
+        infos = list(self.adapters.values())
+        present = sorted({s for s in slots if s >= 0})
+        kinds = frozenset(infos[s].kind for s in present)
+        prompt_slots = [s for s in present if infos[s].kind == "prompt"]
+        tok = [infos[s].config for s in present if infos[s].kind == "token"]
+        if tok:
+            ks = {c.top_k for c in tok}
+            modes = {c.gate_mode for c in tok}
+            k_max = max(min(c.top_k, c.experts_per_module) for c in tok)
+            token_settings = (ks.pop() if len(ks) == 1 else None, (modes.pop() == "hard") if len(modes) == 1 else None, k_max)
+        else:
+            token_settings = (None, None, None)
+        return RoutingRequest(slots, device, kinds, prompt_slots, token_settings, mask, collect_aux, self._version)
+
+    def _default_request(self, batch_size: int, device) -> RoutingRequest:
+        key = (batch_size, device)
+        req = self._default_requests.get(key)
+        if req is None or req.version != self._version:
+            if len(self._default_requests) > 16:
+                self._default_requests = {}
+            req = self._make_request(None, batch_size, device, None, collect_aux=False)
+            self._default_requests[key] = req
+        return req
+
+    # ---- hooks ----------------------------------------------------------------------------
+
+    def _on_stack_start(self, module, args, kwargs):
+        st = self.state
+        x = kwargs.get("input_ids")
+        if x is None and args:
+            x = args[0]
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is None:
+            return None
+        B, L = int(x.shape[0]), int(x.shape[1])
+        dev = x.device
+        cache = kwargs.get("cache")
+        if cache is None:
+            cache = kwargs.get("past_key_values")
+        past = _cache_length(cache)
+        req = st.request
+        if req is None or req.version != self._version:
+            req = self._default_request(B, dev)
+        tables = self._get_tables()
+        rows = req.rows(B, tables[2], tables[3])
+        st.current = req
+        st.rows = rows
+        st.batch_size, st.seq_len = B, L
+        st.all_base = req.all_base
+        st.adapter_ids = rows.slots
+        st.seq_offsets = st.offsets(B, L, dev)
+        st.collect_aux = req.collect_aux
+        key = (req.slot_list, B, self._version)
+        st.route_now = past == 0 or not st.gates or st.gates_key != key
+        if st.route_now:
+            mask = rows.mask
+            if mask is None:
+                am = kwargs.get("attention_mask")
+                if isinstance(am, Tensor) and am.dim() == 2 and am.shape[0] == B:
+                    mask = am
+            if mask is not None:
+                if mask.shape[0] != B or mask.shape[1] < L:
+                    raise ValueError(f"MiLoRA: prompt mask of shape {tuple(mask.shape)} does not cover the batch {(B, L)}")
+                mask = mask[:, mask.shape[1] - L:].to(torch.bool)
+            st.pool_mask = mask
+            st.gates = [[None] * len(MODULE_NAMES) for _ in range(self.num_layers)]
+            st.gates_key = key
+        st.token_routing = "token" in req.kinds
+        if st.token_routing:
+            cached = req._token.get((B, L))
+            if cached is None:
+                T = B * L
+                tok_slots = rows.slots.repeat_interleave(L)
+                is_routed = rows.is_token.repeat_interleave(L)
+                cached = (st.offsets(T, 1, dev), tok_slots, tok_slots.clamp_min(0), is_routed)
+                req._token[(B, L)] = cached
+            st.token_offsets, st.token_adapter_ids, st.token_slots_clamped, st.token_is_routed = cached
+            st.token_is_routed_aux = st.token_is_routed
+            st.token_rows_mixed = len(req.kinds) > 1
+            st.token_top_k, st.token_hard, st.token_k_max = req.token_top_k, req.token_hard, req.token_k_max
+        st.active = True
+        return None
+
+    def _on_stack_end(self, module, args, output):
+        self.state.active = False
+        self.state.route_now = False
+        return None
+
+    def _make_layer_hook(self, layer_idx: int):
+        def hook(module, args, kwargs):
+            st = self.state
+            if st.route_now and st.active:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self._route_layer(layer_idx, hidden)
+            return None
+        return hook
+
+    def _route_layer(self, i: int, hidden: Tensor) -> None:
+        """Prefill: compute and store the gates of every adapted linear of layer i."""
+        st = self.state
+        if st.all_base:
+            return
+        scale_all, static_w, _, _, layer_lin = self._get_tables()
+        rows = st.rows
+        B = rows.slots.shape[0]
+        scale = scale_all[i].index_select(0, rows.slots_clamped) * rows.valid.unsqueeze(-1)  # [B, 7]
+        req = st.current
+        kinds = req.kinds
+        static = static_w.index_select(0, rows.slots_clamped).unsqueeze(1)  # [B, 1, E]
+        if "prompt" in kinds:
+            out = self.routers[i](hidden, mask=st.pool_mask, slots=rows.slots_clamped, module_mask=scale > 0,
+                                  aux_rows=rows.is_prompt, slots_present=req.prompt_slots)
+            w = out.gates
+            if st.collect_aux:
+                st.aux_losses.append(out.aux_loss)
+            if len(kinds) > 1:
+                w = torch.where(rows.is_prompt.view(B, 1, 1), w, static)
+        else:
+            w = static
+        gates = w * scale.unsqueeze(-1)  # [B, 7, E]
+        row = st.gates[i]
+        for m, lin in enumerate(layer_lin[i]):
+            if lin is not None:
+                row[m] = gates[:, m, : lin.num_experts].contiguous()
+
+    # ---- forward / generate ---------------------------------------------------------------
+
+    @staticmethod
+    def _batch_shape(input_ids, kwargs) -> Tuple[int, int, torch.device]:
+        ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if ref is None:
+            raise ValueError("MiLoRA: give input_ids or inputs_embeds")
+        return int(ref.shape[0]), int(ref.shape[1]), ref.device
+
+    def _lb_coef(self, req: RoutingRequest) -> float:
+        infos = list(self.adapters.values())
+        coefs = [infos[s].config.load_balance_coef for s in set(req.slot_list) if s >= 0]
+        return max(coefs) if coefs else 0.0
+
+    def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None, *,
+                prompt_mask: Optional[Tensor] = None, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs):
+        """Training / scoring forward: the base model's forward with MiLoRA routing.
+
+        adapter_names: one adapter name per row (None or "base" = base model); default: the
+        active adapter for every row. prompt_mask [B, L]: 1 on the prompt tokens the routers
+        pool over (padding and response tokens 0); default: attention_mask, else every token.
+        With labels, loss = LM loss + load_balance_coef * aux_loss (the largest coef among the
+        batch's adapters). The output also carries `aux_loss`: the mean over routers (layer
+        routers, or per-linear routers for token routing) of their Switch losses (0 if none).
+        A forward that continues a non-empty KV cache reuses the stored gates.
+        """
+        B, L, dev = self._batch_shape(input_ids, kwargs)
+        if prompt_mask is not None:
+            if not isinstance(prompt_mask, Tensor) or tuple(prompt_mask.shape) != (B, L):
+                raise ValueError(f"MiLoRA: prompt_mask must have shape {(B, L)} (like input_ids), got "
+                                 f"{tuple(prompt_mask.shape) if isinstance(prompt_mask, Tensor) else type(prompt_mask).__name__}")
+        req = self._make_request(adapter_names, B, dev, prompt_mask, collect_aux=True)
+        st = self.state
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        if _cache_length(cache) == 0:
+            st.clear_gates()
+        st.request = req
+        st.aux_losses = []
+        try:
+            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        finally:
+            aux_list = st.aux_losses
+            st.aux_losses = []
+            st.request = None
+        if aux_list:
+            aux = torch.stack([a.float() for a in aux_list]).mean()
+        else:
+            aux = torch.zeros((), dtype=torch.float32, device=dev)
+        if kwargs.get("labels") is not None and getattr(out, "loss", None) is not None:
+            out.loss = out.loss + self._lb_coef(req) * aux.to(out.loss.dtype)
+        out["aux_loss"] = aux
+        return out
+
+    def generate(self, *args, adapter_names: Optional[Sequence[Optional[str]]] = None,
+                 prompt_mask: Optional[Tensor] = None, **kwargs):
+        """HF generate with MiLoRA: each row uses adapter_names[row] (None / "base" = base model;
+        default the active adapter). The routers run once, during prefill, pooled over the prompt
+        (prompt_mask, default the attention_mask: left padding is excluded); every decode step
+        reuses the gates. Rows expanded by HF (beams, num_return_sequences) inherit their
+        prompt's adapter and gates. Routing state is reset at the start of every call."""
+        ref = kwargs.get("input_ids", args[0] if args else None)
+        if ref is None:
+            ref = kwargs.get("inputs_embeds")
+        if ref is None:
+            raise ValueError("MiLoRA.generate: give input_ids or inputs_embeds")
+        B, L, dev = int(ref.shape[0]), int(ref.shape[1]), ref.device
+        mask = prompt_mask
+        if mask is not None:
+            if not isinstance(mask, Tensor) or tuple(mask.shape) != (B, L):
+                raise ValueError(f"MiLoRA: prompt_mask must have shape {(B, L)} (like input_ids), got "
+                                 f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+        else:
+            am = kwargs.get("attention_mask")
+            if isinstance(am, Tensor) and am.dim() == 2 and tuple(am.shape) == (B, L):
+                mask = am
+        req = self._make_request(adapter_names, B, dev, mask, collect_aux=False)
+        st = self.state
+        st.clear_gates()
+        st.request = req
+        try:
+            return self.base_model.generate(*args, **kwargs)
+        finally:
+            st.request = None
+
+    # ---- save / load ----------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], adapter_name: Optional[str] = None) -> None:
+        """Write one adapter (default: the active one) as milora_config.json + adapter_model.safetensors."""
+        from .checkpoint import save_adapter
+        save_adapter(self, save_directory, adapter_name if adapter_name is not None else self.active_adapter)
+
+    def load_adapter(self, directory: Union[str, os.PathLike], adapter_name: str) -> None:
+        """Load an adapter saved by save_pretrained under the name `adapter_name`. Everything is
+        validated before the model changes; errors leave the model untouched."""
+        from .checkpoint import load_adapter
+        load_adapter(self, directory, adapter_name)
+
+    def load_peft_adapter(self, directory: Union[str, os.PathLike], adapter_name: str) -> None:
+        """Load a PEFT LoRA adapter directory as a router-less ("static") adapter: every adapted
+        module on with gate alpha / r (alpha / sqrt(r) with use_rslora; rank_pattern and
+        alpha_pattern honoured)."""
+        from .peft_import import load_peft_adapter
+        load_peft_adapter(self, directory, adapter_name)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, directory: Union[str, os.PathLike], adapter_name: str = "default",
+                        is_trainable: bool = False) -> "MiLoRAModel":
+        """Wrap base_model and load the adapter saved in `directory`. The files are validated
+        against base_model before it is modified. is_trainable=False freezes the adapter."""
+        from .checkpoint import read_adapter_dir, validate_spec
+        spec = read_adapter_dir(directory)
+        layers = find_decoder_layers(base_model)
+        validate_spec(layers, getattr(base_model, "config", None), spec, str(directory))
+        model = cls(base_model, spec.config, adapter_name=None)
+        from .checkpoint import install_spec
+        install_spec(model, adapter_name, spec)
+        model.set_trainable(is_trainable)
+        if not is_trainable:
+            model.eval()
+        return model
+
+    @classmethod
+    def from_peft(cls, base_model: nn.Module, directory: Union[str, os.PathLike], adapter_name: str = "default") -> "MiLoRAModel":
+        """Wrap base_model and load a PEFT LoRA adapter directory into it (validated first)."""
+        from .peft_import import read_peft_dir
+        from .checkpoint import install_spec, validate_spec
+        spec = read_peft_dir(directory)
+        layers = find_decoder_layers(base_model)
+        validate_spec(layers, getattr(base_model, "config", None), spec, str(directory))
+        model = cls(base_model, spec.config, adapter_name=None)
+        install_spec(model, adapter_name, spec)
+        model.eval()
+        return model
+
+    # ---- reporting ------------------------------------------------------------------------
+
+    def num_adapter_parameters(self, adapter_name: Optional[str] = None) -> int:
+        """Number of parameters one adapter really has (its own ranks / experts / routers)."""
+        name = adapter_name if adapter_name is not None else self.active_adapter
+        if name is None:
+            return 0
+        info = self.adapters[name]
+        E = info.config.experts_per_module
+        n = 0
+        for (i, m), (r, _) in info.modules.items():
+            lin = self._linears[(i, m)]
+            n += E * r * (lin.in_features + lin.out_features)
+            if info.kind == "token":
+                n += E * lin.in_features
+        if info.kind == "prompt":
+            for i in range(self.num_layers):
+                mods = {m for (j, m) in info.modules if j == i}
+                n += len(mods) * E * self.hidden_size
+                n += self.hidden_size if info.config.pooler == "self_attn" else 0
+                n += 12 if info.config.activation == "rational" else 0
+        return n
+
+    def print_trainable_parameters(self) -> None:
+        """Print the active adapter's own parameter count against the base model's."""
+        base = sum(p.numel() for n, p in self.base_model.named_parameters()
+                   if not (n.endswith("lora_a") or n.endswith("lora_b") or n.endswith("router_weight")))
+        trainable = self.num_adapter_parameters() if self.trainable else 0
+        total = base + trainable
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100.0 * trainable / max(total, 1):.4f}")
+
+
+def get_milora_model(model: nn.Module, config: MiLoRAConfig, adapter_name: Optional[str] = "default") -> MiLoRAModel:
+    """Wrap a LLaMA-family causal LM with MiLoRA (in place: its target linears are replaced by
+    MiLoRALinear sharing the frozen base weights). adapter_name=None wraps without creating an
+    adapter (e.g. to load adapters afterwards). Raises ValueError naming missing modules for
+    models of another structure."""
+    return MiLoRAModel(model, config, adapter_name=adapter_name)

@@ -1,0 +1,145 @@
+"""Behaviour 1: routing runs once per prompt, during prefill; gates are reused while decoding."""
+import pytest
+import torch
+
+from milora import MiLoRAConfig
+from milora_test_utils import OpSpy, count_router_calls, milora_model, randomize_adapter
+
+
+@pytest.fixture(scope="module")
+def two_adapter_model():
+    model, ref = milora_model(seed=0)
+    model.add_adapter("b", MiLoRAConfig(r=8, alpha=16, top_k=2, gate_mode="hard", pooler="mean"))
+    randomize_adapter(model, "b", 7)
+    model.eval()
+    return model, ref
+
+
+def _ids(b, l, seed=0):
+    return torch.randint(1, 128, (b, l), generator=torch.Generator().manual_seed(seed))
+
+
+def _gates(model):
+    return [[g.clone() if g is not None else None for g in layer] for layer in model.routing_state.gates]
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample", "beam"])
+def test_routers_run_only_at_prefill(two_adapter_model, monkeypatch, mode):
+    model, _ = two_adapter_model
+    spy = OpSpy(monkeypatch)
+    counter, handles = count_router_calls(model)
+    ids = _ids(2, 6)
+    kw = dict(greedy=dict(do_sample=False), sample=dict(do_sample=True, top_k=0, num_return_sequences=2),
+              beam=dict(do_sample=False, num_beams=3))[mode]
+    try:
+        torch.manual_seed(0)
+        out = model.generate(input_ids=ids, adapter_names=["default", "b"], max_new_tokens=6, min_new_tokens=6, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    assert out.shape[1] == 12
+    assert counter["n"] == model.num_layers  # once per layer, for the whole generate call
+    n_lin = len(model.milora_linears())
+    steps = len(spy.calls) // n_lin
+    assert len(spy.calls) == steps * n_lin and steps >= 6  # one op call per linear per step
+    # every step of a linear uses the very same gates tensor computed at prefill
+    by_linear = {}
+    for c in spy.calls:
+        by_linear.setdefault(id(c["weight"]), []).append(c["gates_obj"])
+    for objs in by_linear.values():
+        assert all(o is objs[0] for o in objs)
+    # rows expanded for beams / samples share their prompt's gates
+    expand = {"greedy": 1, "sample": 2, "beam": 3}[mode]
+    for layer in model.routing_state.gates:
+        for g in layer:
+            if g is not None:
+                assert g.shape[0] == 2 * expand
+                grouped = g.view(2, expand, -1)
+                assert torch.equal(grouped, grouped[:, :1].expand_as(grouped))
+
+
+@pytest.mark.parametrize("mode", ["greedy", "beam"])
+def test_rows_of_a_batch_generate_like_alone(two_adapter_model, mode):
+    """Beam search reorders the KV cache within a prompt's beams; gates must stay aligned."""
+    model, _ = two_adapter_model
+    ids = _ids(3, 5, seed=3)
+    names = ["b", "default", "base"]
+    kw = dict(do_sample=False, max_new_tokens=5, num_beams=1 if mode == "greedy" else 3)
+    batch = model.generate(input_ids=ids, adapter_names=names, **kw)
+    for i, n in enumerate(names):
+        alone = model.generate(input_ids=ids[i:i + 1], adapter_names=[n], **kw)
+        assert torch.equal(alone[0], batch[i])
+
+
+def test_left_padding_is_excluded_from_pooling(two_adapter_model):
+    model, _ = two_adapter_model
+    ids = _ids(2, 7, seed=4)
+    am = torch.ones_like(ids)
+    am[1, :3] = 0
+    ids[1, :3] = 0
+    out = model.generate(input_ids=ids, attention_mask=am, adapter_names=["default", "default"], max_new_tokens=4, do_sample=False)
+    g_batch = _gates(model)
+    alone = model.generate(input_ids=ids[1:2, 3:], adapter_names=["default"], max_new_tokens=4, do_sample=False)
+    g_alone = _gates(model)
+    assert torch.equal(alone[0], out[1, 3:])
+    for lb, la in zip(g_batch, g_alone):
+        for gb, ga in zip(lb, la):
+            if gb is not None:
+                torch.testing.assert_close(gb[1:2], ga, rtol=1e-5, atol=1e-6)
+    selected = torch.stack([g[1] != 0 for g in g_batch[0] if g is not None])
+    assert selected.sum() == 3  # top_k = 3 modules on
+
+
+def test_consecutive_generate_calls_reset_the_state(two_adapter_model):
+    model, _ = two_adapter_model
+    counter, handles = count_router_calls(model)
+    try:
+        a, b = _ids(2, 6, seed=10), _ids(2, 6, seed=11)
+        model.generate(input_ids=b, adapter_names=["b", "default"], max_new_tokens=3, do_sample=False)
+        want = _gates(model)
+        model.generate(input_ids=a, adapter_names=["default", "b"], max_new_tokens=3, do_sample=False)
+        first = _gates(model)
+        model.generate(input_ids=b, adapter_names=["b", "default"], max_new_tokens=3, do_sample=False)
+        second = _gates(model)
+    finally:
+        for h in handles:
+            h.remove()
+    assert counter["n"] == 3 * model.num_layers
+    differs = False
+    for lw, l1, l2 in zip(want, first, second):
+        for gw, g1, g2 in zip(lw, l1, l2):
+            if gw is not None:
+                assert torch.equal(gw, g2)
+                differs |= not torch.equal(g1, g2)
+    assert differs
+
+
+def test_gates_hold_scaling_and_top_k(two_adapter_model):
+    model, _ = two_adapter_model
+    ids = _ids(2, 6, seed=5)
+    model.generate(input_ids=ids, adapter_names=["default", "b"], max_new_tokens=1, do_sample=False)
+    for layer in model.routing_state.gates:
+        g = torch.cat([x for x in layer if x is not None], 1)  # [B, 7]
+        assert ((g != 0).sum(1) == torch.tensor([3, 2])).all()
+        # default: soft gates renormalised over the top 3, times alpha / r = 2
+        assert g[0].sum().item() == pytest.approx(2.0, rel=1e-5)
+        # b: hard gates = alpha / r = 2 on the two selected modules
+        assert sorted(g[1].unique().tolist()) == [0.0, 2.0]
+
+
+def test_forward_with_cache_reuses_gates(two_adapter_model):
+    """A manual prefill + decode through MiLoRAModel.forward routes only at the prefill."""
+    model, _ = two_adapter_model
+    counter, handles = count_router_calls(model)
+    ids = _ids(2, 5, seed=6)
+    try:
+        out = model(input_ids=ids, use_cache=True, adapter_names=["b", "default"])
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        step = model(input_ids=nxt, cache=out.cache, use_cache=True, adapter_names=["b", "default"])
+    finally:
+        for h in handles:
+            h.remove()
+    assert counter["n"] == model.num_layers
+    full = model(input_ids=torch.cat([ids, nxt], 1), adapter_names=["b", "default"], prompt_mask=torch.cat(
+        [torch.ones_like(ids), torch.zeros_like(nxt)], 1))
+    torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], rtol=1e-4, atol=1e-5)

@@ -1,0 +1,129 @@
+"""Behaviour 4: training reduces the loss, reaches LoRA and router parameters, keeps the base frozen."""
+import pytest
+import torch
+
+from milora import MiLoRAConfig, get_milora_model
+from milora_test_utils import milora_model, randomize_adapter, tiny_model
+
+
+def _batch(seed=0, B=4, L=10, prompt_len=6):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 128, (B, L), generator=g)
+    labels = ids.clone()
+    labels[:, :prompt_len] = -100
+    prompt_mask = torch.zeros_like(ids)
+    prompt_mask[:, :prompt_len] = 1
+    return ids, labels, prompt_mask
+
+
+@pytest.mark.parametrize("activation", ["rational", "gelu"])
+def test_a_few_steps_reduce_the_loss(activation):
+    cfg = MiLoRAConfig(r=4, alpha=8, top_k=3, activation=activation, load_balance_coef=0.1)
+    model, _ = milora_model(seed=0, config=cfg, randomize=False)
+    model.add_adapter("other", MiLoRAConfig(r=4, alpha=8))
+    randomize_adapter(model, "other", 3)
+    model.set_adapter("default")
+    base_before = {n: p.detach().clone() for n, p in model.base_model.named_parameters()
+                   if not n.endswith(("lora_a", "lora_b", "router_weight"))}
+    ids, labels, pm = _batch()
+    other_before = model(input_ids=ids, adapter_names=["other"] * 4).logits.detach()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    losses, grads = [], {}
+    for step in range(8):
+        out = model(input_ids=ids, labels=labels, prompt_mask=pm)
+        assert torch.isfinite(out.aux_loss) and out.aux_loss.item() > 0
+        opt.zero_grad()
+        out.loss.backward()
+        if step == 2:  # after B has left zero, every parameter group has a gradient
+            lin = model.milora_linears()[(1, "v_proj")]
+            r = model.routers[1]
+            grads = {"lora_a": lin.lora_a.grad, "lora_b": lin.lora_b.grad, "router": r.weight.grad,
+                     "pool_query": r.pool_query.grad}
+            if activation == "rational":
+                grads["rational_num"] = r.rational_num.grad
+                grads["rational_den"] = r.rational_den.grad
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    for k, g in grads.items():
+        assert g is not None and g[0].abs().sum() > 0, k      # slot 0 = "default" is trained
+        assert g[1].abs().sum() == 0, k                         # slot 1 = "other" gets exact zeros
+    # base weights unchanged, other adapter unchanged
+    for n, p in model.base_model.named_parameters():
+        if n in base_before:
+            assert torch.equal(p, base_before[n]), n
+            assert not p.requires_grad, n
+    model.eval()
+    torch.testing.assert_close(model(input_ids=ids, adapter_names=["other"] * 4).logits, other_before)
+
+
+def test_loss_is_lm_loss_plus_coef_times_aux():
+    cfg = MiLoRAConfig(r=4, alpha=8, load_balance_coef=0.25)
+    model, _ = milora_model(seed=1, config=cfg)
+    ids, labels, pm = _batch(1)
+    out = model(input_ids=ids, labels=labels, prompt_mask=pm)
+    lm = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 128), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, lm + 0.25 * out.aux_loss)
+    assert 0 < out.aux_loss.item() <= 7
+
+
+def test_training_routes_like_inference_on_the_prompt():
+    """Pooling over prompt tokens only: the gates of a training forward (prompt + response with
+    prompt_mask) equal the gates generate computes from the prompt alone."""
+    model, _ = milora_model(seed=2)
+    ids, labels, pm = _batch(2)
+    model(input_ids=ids, labels=labels, prompt_mask=pm)
+    train_gates = [[g.clone() if g is not None else None for g in layer] for layer in model.routing_state.gates]
+    model.generate(input_ids=ids[:, :6], max_new_tokens=1, do_sample=False)
+    for lt, lg in zip(train_gates, model.routing_state.gates):
+        for a, b in zip(lt, lg):
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_trainable_parameters_and_print(capsys):
+    model, _ = milora_model(seed=0)
+    model.print_trainable_parameters()
+    text = capsys.readouterr().out
+    n = model.num_adapter_parameters()
+    # 2 layers: LoRA r=4 on 4 attention (64->64, 64->32 x2, 64->64) and 3 MLP linears, plus routers
+    lora = 4 * ((64 + 64) + (64 + 32) * 2 + (64 + 64) + (64 + 128) * 2 + (128 + 64)) * 2
+    router = (7 * 64 + 64 + 12) * 2
+    assert n == lora + router
+    assert f"trainable params: {n:,d}" in text
+    assert all(not p.requires_grad for n_, p in model.base_model.named_parameters()
+               if not n_.endswith(("lora_a", "lora_b", "router_weight")))
+
+
+def test_bfloat16_model():
+    base = tiny_model(seed=0, dtype=torch.bfloat16)
+    model = get_milora_model(base, MiLoRAConfig(r=4, alpha=8))
+    randomize_adapter(model, "default", 1)
+    lin = model.milora_linears()[(0, "q_proj")]
+    assert lin.lora_a.dtype == torch.bfloat16 and model.routers[0].weight.dtype == torch.float32
+    ids, labels, pm = _batch(3)
+    model.train()
+    out = model(input_ids=ids, labels=labels, prompt_mask=pm)
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    assert lin.lora_b.grad.dtype == torch.bfloat16 and lin.lora_b.grad.abs().sum() > 0
+    model.eval()
+    gen = model.generate(input_ids=ids[:2, :6], adapter_names=["default", "base"], max_new_tokens=3, do_sample=False)
+    assert gen.shape == (2, 9)
+    assert model.routing_state.gates[0][0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_other_llama_family_models(family):
+    model, ref = milora_model(family, seed=4)
+    ids, labels, pm = _batch(4, B=2)
+    out = model(input_ids=ids, adapter_names=["default", "base"], labels=labels)
+    with torch.no_grad():
+        base = ref(input_ids=ids).logits
+    torch.testing.assert_close(out.logits[1], base[1], rtol=1e-5, atol=1e-5)
+    assert (out.logits[0] - base[0]).abs().max() > 1e-3
+    gen = model.generate(input_ids=ids[:, :5], adapter_names=["default", "base"], max_new_tokens=3, do_sample=False)
+    assert torch.equal(gen[1], ref.generate(input_ids=ids[1:2, :5], max_new_tokens=3, do_sample=False)[0])
