@@ -140,7 +140,12 @@ def write_peft_adapters(model, directory: str, names: Sequence[str], rank: int, 
 def randomize_lora_b(mmodel, name: str, seed: int) -> None:
     """Seeded random non-zero LoRA B for adapter `name` of a MiLoRAModel (public layer API)."""
     g = torch.Generator().manual_seed(seed)
-    scaling = mmodel.adapters[name].config.scaling
+    cfg = mmodel.adapters[name].config
+    scaling = cfg.scaling
+    if cfg.routing == "token":  # k soft-gated independent experts add up to ~1/sqrt(k) of one: compensate
+        scaling /= math.sqrt(min(cfg.top_k, cfg.experts_per_module))
+    elif cfg.gate_mode == "soft":  # a selected module's soft gate is ~1/k: compensate
+        scaling /= min(cfg.top_k, len(cfg.target_modules))
     for key in sorted(mmodel.milora_linears()):
         lin = mmodel.milora_linears()[key]
         t = lin.get_adapter_tensors(name)
@@ -301,43 +306,48 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def check_methods(methods: Dict[str, GenMethod], ids, am, dtype, log=print) -> Dict[str, str]:
     """Before timing: the prefill logits of every adapted method must match a reference
-    (MiLoRA-model rows: the same model with the reference op; peft rows: the imported LoRA
-    row), and differ from the base model's (the adapters must matter). Returns, per method,
-    what it was checked against."""
+    (MiLoRA-model rows: the same model with the reference op; the peft row: the imported LoRA
+    row, i.e. the same adapters), and must differ clearly from the base model's (the adapters
+    must matter, or a method skipping LoRA could pass). Per-token routing (MOELoRA) gets 3x
+    the tolerance: rounding differences flip some tokens' top-k choices in low precision.
+    Returns, per method, what it was checked against and the errors."""
     tol = LOGIT_TOL.get(dtype, 5e-2)
     done: Dict[str, str] = {}
-    base_logits = methods["base"].logits(ids, am) if "base" in methods else None
     ref_cache: Dict[int, torch.Tensor] = {}
     with torch.inference_mode():
+        base_logits = methods["base"].logits(ids, am) if "base" in methods else None
         for name, m in methods.items():
             if name == "base":
                 done[name] = "-"
                 continue
+            if name == "peft_single":
+                done[name] = "same model and adapters as peft"
+                continue
             got = m.logits(ids, am)
-            if name in ("peft", "peft_single"):
+            if name == "peft":
                 if "lora" not in methods:
-                    done[name] = "unchecked (no lora row)"
+                    done[name] = "unchecked (needs the lora row)"
                     continue
-                if name == "peft_single":
-                    done[name] = "same adapters as peft"
-                    continue
-                want, against = methods["lora"].logits(ids, am), "lora"
+                want, against = methods["lora"].logits(ids, am), "lora row (same adapters)"
             else:
                 key = id(m.model)
                 if key not in ref_cache:
                     with reference_op():
                         ref_cache[key] = m.logits(ids, am)
                 want, against = ref_cache[key], "reference op"
+            allowed = tol * (3 if name == "moelora" else 1)
             err = _rel_err(got, want)
-            if not err <= tol:
+            if not err <= allowed:
                 raise AssertionError(f"generate method {name!r}: prefill logits differ from the {against} by "
-                                     f"{err:.3g} (normalised; tolerance {tol:g} for {dtype}); it is not timed")
+                                     f"{err:.3g} (normalised; tolerance {allowed:g} for {dtype}); it is not timed")
+            note = f"logits vs {against}: {err:.1e}"
             if base_logits is not None:
                 moved = _rel_err(got, base_logits)
-                if moved < 4 * tol:
+                if moved < max(0.1, 2 * allowed):
                     raise AssertionError(f"generate method {name!r}: the adapters barely change the logits "
-                                         f"({moved:.3g}); LoRA would be a no-op")
-            done[name] = f"logits vs {against}: {err:.1e}"
+                                         f"({moved:.3g} from base); LoRA would be a no-op")
+                note += f" (adapters move them {moved:.2f} from base)"
+            done[name] = note
     return done
 
 
@@ -369,7 +379,8 @@ def run(s: GenSettings, device, dtype: torch.dtype, *, progress: Optional[bool] 
         checks = check_methods(methods, ids, am, dtype, log=printer)
         expect_len = s.prompt_len + s.new_tokens
         reps = s.repeats
-        steps = len(s.beams) * len(methods) * (s.warmup + reps + 1)
+        warm = max(s.warmup, 1)  # the first warm-up call of every method also measures its peak memory
+        steps = len(s.beams) * len(methods) * (warm + reps)
         mem_method = memory_method_name(device)
         base_bytes = tensor_bytes(base)
         with Progress(steps, enabled=progress) as bar, torch.inference_mode():
@@ -382,12 +393,12 @@ def run(s: GenSettings, device, dtype: torch.dtype, *, progress: Optional[bool] 
                     return out
                 fns = {n: (lambda m=m: call(m)) for n, m in methods.items()}
                 bar.set_label(f"generate beam {nb}")
-                bar.step(len(fns) * s.warmup)
-                t = time_interleaved(fns, device, warmup=s.warmup, repeats=reps, on_step=bar.step)
                 peaks = {}
                 for n, fn in fns.items():
                     peaks[n], _ = peak_during(fn, device)
                     bar.step()
+                bar.step(len(fns) * (warm - 1))
+                t = time_interleaved(fns, device, warmup=warm - 1, repeats=reps, on_step=bar.step)
                 base_ms = t["base"].median_ms if "base" in t else None
                 moe_ms = t["moelora"].median_ms if "moelora" in t else None
                 for n, m in methods.items():

@@ -78,7 +78,11 @@ def build_model(name: str, dtype: torch.dtype, device, seed: int = 0):
             model = cls(cfg)
     finally:
         torch.set_default_dtype(old)
-    model = model.to(device=device, dtype=dtype).eval()
+    # no .to(dtype): that would also cast float32 buffers transformers keeps in float32 (rotary inv_freq)
+    model = model.to(device=device).eval()
+    wrong = {str(p.dtype) for p in model.parameters() if p.dtype != dtype}
+    if wrong:
+        raise RuntimeError(f"build_model: parameters in {sorted(wrong)}, expected {dtype}")
     for p in model.parameters():
         p.requires_grad_(False)
     gc = model.generation_config
