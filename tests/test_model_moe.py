@@ -85,3 +85,31 @@ def test_prompt_routing_with_several_experts_per_module(monkeypatch, gate_mode):
     counts = [int((lin.lora_b.grad[0].abs().sum((-1, -2)) > 0).sum()) for lin in model.milora_linears().values()]
     assert set(counts) <= {0, E} and E in counts  # all experts of a selected module, none of the others
     assert model.routers[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("gather_limit", [0, 1 << 22])
+def test_several_token_routed_tenants(monkeypatch, gather_limit):
+    """Token-routed adapters with different expert counts, k and gate modes share a batch."""
+    import milora.layer
+    from milora_test_utils import randomize_adapter
+    monkeypatch.setattr(milora.layer, "TOKEN_ROUTER_GATHER_LIMIT", gather_limit)
+    model, _ = milora_model(seed=6, config=MiLoRAConfig(r=2, alpha=4, routing="token", experts_per_module=4, top_k=2),
+                            adapter_name="t4")
+    model.add_adapter("t2", MiLoRAConfig(r=3, alpha=3, routing="token", experts_per_module=2, top_k=1, gate_mode="hard"))
+    model.add_adapter("p", MiLoRAConfig(r=2, alpha=2, top_k=2))
+    randomize_adapter(model, "t2", 8)
+    randomize_adapter(model, "p", 9)
+    names = ["t2", "t4", "p", "base", "t4"]
+    ids = _ids(5, 4, 3)
+    spy = OpSpy(monkeypatch)
+    out = model(input_ids=ids, adapter_names=names)
+    g = spy.calls[0]["gates"].view(5, 4, -1)
+    assert ((g[0] != 0).sum(-1) == 1).all() and set(g[0].unique().tolist()) == {0.0, 1.0}  # t2: hard top-1
+    assert ((g[1] != 0).sum(-1) == 2).all()                                                  # t4: soft top-2
+    assert out.aux_loss > 0
+    for i, n in enumerate(names):
+        alone = model(input_ids=ids[i:i + 1], adapter_names=[n]).logits
+        torch.testing.assert_close(out.logits[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+    gen = model.generate(input_ids=ids, adapter_names=names, max_new_tokens=3, do_sample=False)
+    for i, n in enumerate(names):
+        assert torch.equal(model.generate(input_ids=ids[i:i + 1], adapter_names=[n], max_new_tokens=3, do_sample=False)[0], gen[i])

@@ -143,3 +143,18 @@ def test_forward_with_cache_reuses_gates(two_adapter_model):
     full = model(input_ids=torch.cat([ids, nxt], 1), adapter_names=["b", "default"], prompt_mask=torch.cat(
         [torch.ones_like(ids), torch.zeros_like(nxt)], 1))
     torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_generate_without_kv_cache_routes_once(two_adapter_model):
+    model, _ = two_adapter_model
+    ids = _ids(2, 5, seed=12)
+    with_cache = model.generate(input_ids=ids, adapter_names=["b", "default"], max_new_tokens=4, do_sample=False)
+    counter, handles = count_router_calls(model)
+    try:
+        no_cache = model.generate(input_ids=ids, adapter_names=["b", "default"], max_new_tokens=4, do_sample=False,
+                                  use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert counter["n"] == model.num_layers  # routed from the prompt only, not from generated tokens
+    assert torch.equal(no_cache, with_cache)

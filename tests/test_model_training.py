@@ -127,3 +127,28 @@ def test_other_llama_family_models(family):
     assert (out.logits[0] - base[0]).abs().max() > 1e-3
     gen = model.generate(input_ids=ids[:, :5], adapter_names=["default", "base"], max_new_tokens=3, do_sample=False)
     assert torch.equal(gen[1], ref.generate(input_ids=ids[1:2, :5], max_new_tokens=3, do_sample=False)[0])
+
+
+def test_dtype_move_after_wrapping_and_tuple_outputs():
+    model, _ = milora_model(seed=5)
+    ids, labels, pm = _batch(5, B=2)
+    want = model(input_ids=ids, labels=labels, prompt_mask=pm)
+    tup = model(input_ids=ids, labels=labels, prompt_mask=pm, return_dict=False)
+    torch.testing.assert_close(tup[0], want.loss)
+    torch.testing.assert_close(tup[-1], want.aux_loss)
+    model.to(torch.bfloat16)
+    assert model.milora_linears()[(0, "q_proj")].lora_a.dtype == torch.bfloat16
+    out = model(input_ids=ids, labels=labels, prompt_mask=pm)
+    assert out.logits.dtype == torch.bfloat16
+    torch.testing.assert_close(out.logits.float(), want.logits, rtol=0.1, atol=0.1)
+    assert model.generate(input_ids=ids[:, :5], max_new_tokens=2, do_sample=False).shape == (2, 7)
+
+
+def test_gradient_checkpointing_is_refused():
+    model, _ = milora_model(seed=6)
+    enable = getattr(model.base_model, "activation_checkpointing_enable", None) or model.base_model.gradient_checkpointing_enable
+    enable()
+    model.train()
+    ids, labels, pm = _batch(6, B=2)
+    with pytest.raises(NotImplementedError, match="gradient checkpointing"):
+        model(input_ids=ids, labels=labels)

@@ -47,6 +47,10 @@ from .router import select_top_k, switch_load_balance_loss
 
 ADAPTER_KINDS = ("prompt", "token", "static")
 
+# Per-token routing with several adapters in the batch: gather each token's router rows when
+# T * E * K is at most this (decode steps), else score all slots and keep the token's own.
+TOKEN_ROUTER_GATHER_LIMIT = 1 << 22
+
 
 @dataclass
 class SlotInfo:
@@ -156,6 +160,11 @@ class MiLoRALinear(nn.Module):
         self.layer_idx = -1
         self.module_idx = -1
         self._cache: Dict = {}
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._cache = {}
+        return out
 
     # ---- introspection --------------------------------------------------------------------
 
@@ -377,17 +386,31 @@ class MiLoRALinear(nn.Module):
         return gated_lora_linear(x, self.weight, self.bias, self.lora_a, self.lora_b,
                                  seq_offsets, adapter_ids, gates, check_indices=False)
 
-    def token_gates(self, x2: Tensor, token_slots: Tensor, top_k=None, hard=None, k_max=None):
+    def token_gates(self, x2: Tensor, token_slots: Tensor, top_k=None, hard=None, k_max=None, single_slot=None):
         """Per-token MoE-LoRA gates [T, E] (scaling included) and router probabilities [T, E].
 
         x2 [T, K]; token_slots [T] long (>= 0) slot of each token. top_k / hard: Python
-        values valid for every token, or None to read each slot's own setting."""
+        values valid for every token, or None to read each slot's own setting. single_slot: a
+        Python int when every token that matters uses that slot (one router matmul)."""
         T, K = x2.shape
         P, E = self.lora_a.shape[0], self.num_experts
-        logits = F.linear(x2.float(), self.router_weight.view(P * E, K).float()).view(T, P, E)
-        logits = logits.gather(1, token_slots.view(T, 1, 1).expand(T, 1, E)).squeeze(1)
-        valid = self.expert_mask.index_select(0, token_slots)
-        probs = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)
+        xf = x2.float()
+        if single_slot is not None:
+            logits = F.linear(xf, self.router_weight[single_slot].float())
+        elif T * E * K <= TOKEN_ROUTER_GATHER_LIMIT:  # gather each token's router rows (decode steps)
+            w = self.router_weight.index_select(0, token_slots).float()  # [T, E, K]
+            logits = torch.bmm(w, xf.unsqueeze(-1)).squeeze(-1)
+        else:  # large prefill: score every slot, keep the token's own
+            logits = F.linear(xf, self.router_weight.view(P * E, K).float()).view(T, P, E)
+            logits = logits.gather(1, token_slots.view(T, 1, 1).expand(T, 1, E)).squeeze(1)
+        full = self._cache.get("token_full")
+        if full is None:
+            full = self._cache["token_full"] = all(s.num_experts == E for s in self.slots if s.kind == "token")
+        valid = None
+        if not full:
+            valid = self.expert_mask.index_select(0, token_slots)
+            logits = logits.masked_fill(~valid, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
         if top_k is None:
             top_k = self.slot_top_k.index_select(0, token_slots)
         if hard is None:
@@ -419,7 +442,7 @@ class MiLoRALinear(nn.Module):
         if self.router_weight is None:
             gates = row_gates.repeat_interleave(st.seq_len, 0)
         else:
-            gates, probs = self.token_gates(x2, tok_slots, st.token_top_k, st.token_hard, st.token_k_max)
+            gates, probs = self.token_gates(x2, tok_slots, st.token_top_k, st.token_hard, st.token_k_max, st.token_single_slot)
             if st.token_rows_mixed:
                 gates = torch.where(st.token_is_routed.unsqueeze(-1), gates, row_gates.repeat_interleave(st.seq_len, 0))
             if st.collect_aux:
@@ -441,7 +464,7 @@ class MiLoRALinear(nn.Module):
                 self._cache[key] = (torch.full((T,), p, dtype=torch.long, device=dev),
                                     torch.arange(T + 1, dtype=torch.long, device=dev))
             slots, offsets = self._cache[key]
-            gates, _ = self.token_gates(x.reshape(-1, self.in_features), slots, s.top_k, s.gate_mode == "hard", s.top_k)
+            gates, _ = self.token_gates(x.reshape(-1, self.in_features), slots, s.top_k, s.gate_mode == "hard", s.top_k, p)
             return self._op(x, offsets, slots, gates)
         key = ("seq", T, dev)
         if key not in self._cache:

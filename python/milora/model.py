@@ -156,6 +156,11 @@ class MiLoRAModel(nn.Module):
         if adapter_name is not None:
             self.add_adapter(adapter_name, config)
 
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._changed()  # cached index tables live on the old device
+        return out
+
     # ---- attribute fallback ---------------------------------------------------------------
 
     def __getattr__(self, name: str):
@@ -335,7 +340,8 @@ class MiLoRAModel(nn.Module):
 
     # ---- requests -------------------------------------------------------------------------
 
-    def _make_request(self, adapter_names, batch_size: int, device, mask: Optional[Tensor], collect_aux: bool) -> RoutingRequest:
+    def _make_request(self, adapter_names, batch_size: int, device, mask: Optional[Tensor], collect_aux: bool,
+                      sticky: bool = False) -> RoutingRequest:
         if adapter_names is None:
             names = [self.active_adapter] * batch_size
         else:
@@ -362,10 +368,12 @@ class MiLoRAModel(nn.Module):
             ks = {c.top_k for c in tok}
             modes = {c.gate_mode for c in tok}
             k_max = max(min(c.top_k, c.experts_per_module) for c in tok)
-            token_settings = (ks.pop() if len(ks) == 1 else None, (modes.pop() == "hard") if len(modes) == 1 else None, k_max)
+            tok_slots = [s for s in present if infos[s].kind == "token"]
+            token_settings = (ks.pop() if len(ks) == 1 else None, (modes.pop() == "hard") if len(modes) == 1 else None,
+                              k_max, tok_slots[0] if len(tok_slots) == 1 else None)
         else:
-            token_settings = (None, None, None)
-        return RoutingRequest(slots, device, kinds, prompt_slots, token_settings, mask, collect_aux, self._version)
+            token_settings = (None, None, None, None)
+        return RoutingRequest(slots, device, kinds, prompt_slots, token_settings, mask, collect_aux, self._version, sticky)
 
     def _default_request(self, batch_size: int, device) -> RoutingRequest:
         key = (batch_size, device)
@@ -407,7 +415,8 @@ class MiLoRAModel(nn.Module):
         st.seq_offsets = st.offsets(B, L, dev)
         st.collect_aux = req.collect_aux
         key = (req.slot_list, B, self._version)
-        st.route_now = past == 0 or not st.gates or st.gates_key != key
+        # generate() requests are sticky: one routing per call, even without a KV cache
+        st.route_now = not st.gates or st.gates_key != key or (past == 0 and not req.sticky)
         if st.route_now:
             mask = rows.mask
             if mask is None:
@@ -434,6 +443,7 @@ class MiLoRAModel(nn.Module):
             st.token_is_routed_aux = st.token_is_routed
             st.token_rows_mixed = len(req.kinds) > 1
             st.token_top_k, st.token_hard, st.token_k_max = req.token_top_k, req.token_hard, req.token_k_max
+            st.token_single_slot = req.token_single_slot
         st.active = True
         return None
 
@@ -488,6 +498,10 @@ class MiLoRAModel(nn.Module):
             raise ValueError("MiLoRA: give input_ids or inputs_embeds")
         return int(ref.shape[0]), int(ref.shape[1]), ref.device
 
+    def _checkpointing(self) -> bool:
+        mods = [getattr(self.base_model, "model", None)] + list(self.layers)
+        return any(getattr(m, "gradient_checkpointing", False) is True for m in mods)
+
     def _lb_coef(self, req: RoutingRequest) -> float:
         infos = list(self.adapters.values())
         coefs = [infos[s].config.load_balance_coef for s in set(req.slot_list) if s >= 0]
@@ -506,6 +520,9 @@ class MiLoRAModel(nn.Module):
         A forward that continues a non-empty KV cache reuses the stored gates.
         """
         B, L, dev = self._batch_shape(input_ids, kwargs)
+        if torch.is_grad_enabled() and self.training and self._checkpointing():
+            raise NotImplementedError("MiLoRA does not support gradient checkpointing (its hooks would not run in the "
+                                      "recomputation); disable it on the base model first")
         if prompt_mask is not None:
             if not isinstance(prompt_mask, Tensor) or tuple(prompt_mask.shape) != (B, L):
                 raise ValueError(f"MiLoRA: prompt_mask must have shape {(B, L)} (like input_ids), got "
@@ -527,7 +544,12 @@ class MiLoRAModel(nn.Module):
             aux = torch.stack([a.float() for a in aux_list]).mean()
         else:
             aux = torch.zeros((), dtype=torch.float32, device=dev)
-        if kwargs.get("labels") is not None and getattr(out, "loss", None) is not None:
+        has_labels = kwargs.get("labels") is not None
+        if isinstance(out, tuple):  # return_dict=False: (loss, logits, ...) + (aux_loss,)
+            if has_labels:
+                out = (out[0] + self._lb_coef(req) * aux.to(out[0].dtype),) + tuple(out[1:])
+            return tuple(out) + (aux,)
+        if has_labels and getattr(out, "loss", None) is not None:
             out.loss = out.loss + self._lb_coef(req) * aux.to(out.loss.dtype)
         out["aux_loss"] = aux
         return out
@@ -554,7 +576,7 @@ class MiLoRAModel(nn.Module):
             am = kwargs.get("attention_mask")
             if isinstance(am, Tensor) and am.dim() == 2 and tuple(am.shape) == (B, L):
                 mask = am
-        req = self._make_request(adapter_names, B, dev, mask, collect_aux=False)
+        req = self._make_request(adapter_names, B, dev, mask, collect_aux=False, sticky=True)
         st = self.state
         st.clear_gates()
         st.request = req

@@ -143,7 +143,16 @@ def select_top_k(
     if k_max is None:
         k_max = int(top_k) if isinstance(top_k, int) else C
     k_max = max(1, min(int(k_max), C))
-    _, idx = probs.topk(k_max, dim=-1)
+    topv, idx = probs.topk(k_max, dim=-1)
+    if isinstance(top_k, int) and isinstance(hard, bool) and valid is None:
+        # fast path (per-token routing at every linear): uniform k, no masking
+        if hard and not (torch.is_grad_enabled() and probs.requires_grad):
+            return torch.zeros_like(probs).scatter_(1, idx, 1.0)
+        soft = torch.zeros_like(probs).scatter_(1, idx, topv / topv.sum(-1, keepdim=True))
+        if not hard:
+            return soft
+        sel = (soft != 0).to(probs.dtype)
+        return sel + (soft - soft.detach())
     if isinstance(top_k, int):
         keep = torch.ones(N, k_max, dtype=probs.dtype, device=probs.device)
     else:
@@ -371,7 +380,7 @@ class PromptRouter(nn.Module):
         pooler_codes = sorted({_POOLER_CODE[s["pooler"]] for s in settings})
         for code in pooler_codes:
             name = POOLERS[code]
-            q = self.pool_query.index_select(0, slots) if name == "self_attn" else None
+            q = self.pool_query.index_select(0, slots).float() if name == "self_attn" else None
             out = pool_hidden(h, mask, name, q)
             pooled = out if pooled is None else torch.where((self.slot_pooler.index_select(0, slots) == code).unsqueeze(-1), out, pooled)
 
@@ -380,13 +389,14 @@ class PromptRouter(nn.Module):
         g = None
         for code in act_codes:
             if ACTIVATIONS[code] == "rational":
-                out = rational_function(pooled, self.rational_num.index_select(0, slots), self.rational_den.index_select(0, slots))
+                out = rational_function(pooled, self.rational_num.index_select(0, slots).float(),
+                                        self.rational_den.index_select(0, slots).float())
             else:
                 out = F.gelu(pooled)
             g = out if g is None else torch.where((self.slot_activation.index_select(0, slots) == code).unsqueeze(-1), out, g)
 
         # logits over (module, expert) pairs, masked to what the row's adapter has
-        w = self.weight.index_select(0, slots).view(B, M * E, self.hidden_size)
+        w = self.weight.index_select(0, slots).float().view(B, M * E, self.hidden_size)
         logits = torch.bmm(w, g.unsqueeze(-1)).view(B, M, E)
         valid = module_mask.unsqueeze(-1) & self.slot_expert_mask.index_select(0, slots).unsqueeze(1)
         any_valid = valid.flatten(1).any(-1).view(B, 1, 1)

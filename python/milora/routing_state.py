@@ -54,16 +54,18 @@ class RoutingRequest:
         mask: Optional[Tensor],
         collect_aux: bool,
         version: int,
+        sticky: bool = False,
     ) -> None:
         self.slot_list = tuple(int(s) for s in slot_list)
         self.slots = torch.tensor(self.slot_list, dtype=torch.long, device=device)
         self.kinds = kinds                     # adapter kinds present among the rows (no "base")
         self.prompt_slots = list(prompt_slots)  # slots of prompt-routed adapters present
-        self.token_top_k, self.token_hard, self.token_k_max = token_settings
+        self.token_top_k, self.token_hard, self.token_k_max, self.token_single_slot = token_settings
         self.mask = None if mask is None else mask.to(device=device, dtype=torch.bool)
         self.collect_aux = collect_aux
         self.all_base = all(s < 0 for s in self.slot_list)
         self.version = version                 # MiLoRAModel adapter version it was built for
+        self.sticky = sticky                   # generate(): route once per call, whatever the cache
         self._rows: Dict[int, RowTensors] = {}
         self._token: Dict[Tuple[int, int], Tuple] = {}
 
@@ -120,6 +122,7 @@ class RoutingState:
         self.token_top_k = None
         self.token_hard = None
         self.token_k_max = None
+        self.token_single_slot = None
         # per prompt
         self.gates: List[List[Optional[Tensor]]] = []
         self.gates_key = None
