@@ -143,7 +143,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", type=_dtype, default=torch.bfloat16, help="model dtype (default bfloat16)")
     p.add_argument("--batch", type=_positive, help="prompts B, each its own tenant (default 8)")
     p.add_argument("--adapters", type=_positive, help="distinct adapters (default = batch)")
-    p.add_argument("--prompt-len", type=_positive, help="prompt tokens (default 64)")
+    p.add_argument("--prompt-len", type=_positive, help="prompt tokens (default 32)")
     p.add_argument("--new-tokens", type=_positive, help="new tokens per prompt (default 32)")
     p.add_argument("--beams", type=_positive, nargs="+", help="beam widths (default 1 3)")
     p.add_argument("--rank", type=_positive, help="LoRA / MiLoRA rank (default 32)")
