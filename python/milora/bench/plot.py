@@ -47,11 +47,15 @@ def _layer_axes(ax, recs: List[Dict]) -> None:
     floors = [(i, max((r["floor_ratio"] or 0) for r in cases[c].values() if r["method"] != "moelora"))
               for i, c in enumerate(labels)]
     floors = [(i, f) for i, f in floors if f > 0]
-    if floors:
-        ax.scatter([i for i, _ in floors], [f for _, f in floors], marker="_", s=400, color="k", zorder=5,
-                   label="byte floor")
+    for n, (i, f) in enumerate(floors):
+        ax.hlines(f, i - 0.42, i + 0.42, colors="k", linestyles="--", lw=1.2, zorder=5,
+                  label="byte floor" if n == 0 else None)
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, fontsize=6)
     ax.set_ylabel("time / base F.linear (lower is better)")
