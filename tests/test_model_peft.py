@@ -138,3 +138,20 @@ def test_unsupported_peft_options_are_rejected(peft_setup, tmp_path):
             model.load_peft_adapter(d, "bad")
         assert model.adapter_names == ["keep"]
         assert_state_equal(model, snap)
+
+
+def test_loading_wraps_modules_the_model_did_not_adapt_yet(peft_setup):
+    pm, pristine, dirs = peft_setup
+    model = get_milora_model(copy.deepcopy(pristine), MiLoRAConfig(r=2, alpha=2, target_modules=["k_proj"]), adapter_name="own")
+    assert sorted({m for _, m in model.milora_linears()}) == ["k_proj"]
+    model.load_peft_adapter(dirs["p1"], "p1")  # q_proj, v_proj, down_proj get wrapped now
+    assert sorted({m for _, m in model.milora_linears()}) == ["down_proj", "k_proj", "q_proj", "v_proj"]
+    model.eval()
+    ids = _ids(5, B=3)
+    pm.set_adapter("p1")
+    with torch.no_grad():
+        want = pm(input_ids=ids).logits
+        got = model(input_ids=ids, adapter_names=["p1", "own", "p1"]).logits
+        own = model(input_ids=ids[1:2], adapter_names=["own"]).logits
+    torch.testing.assert_close(got[[0, 2]], want[[0, 2]], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1:2], own, rtol=1e-5, atol=1e-5)

@@ -266,13 +266,13 @@ class MiLoRALinear(nn.Module):
                 raise ValueError(f"MiLoRALinear.add_adapter: init must be 'lora' or 'zeros', got {init!r}")
             self._set_param("lora_a", torch.cat([a, new_a]), self.lora_a.requires_grad)
             self._set_param("lora_b", torch.cat([b, new_b]), self.lora_b.requires_grad)
-            needs_router = kind == "token" or self.router_weight is not None
+            needs_router = (kind == "token" and r > 0) or self.router_weight is not None
             if needs_router:
                 old = (self.router_weight.detach()[:, :E] if self.router_weight is not None
                        else torch.zeros(P, E, K, device=dev, dtype=torch.float32))
                 old = F.pad(old, (0, 0, 0, E2 - old.shape[1]))
                 new = torch.zeros(1, E2, K, device=dev, dtype=torch.float32)
-                if kind == "token":
+                if kind == "token" and r > 0:
                     bound = 1.0 / math.sqrt(K)
                     new[0, :num_experts].uniform_(-bound, bound, generator=generator)
                 rg = self.router_weight.requires_grad if self.router_weight is not None else True
@@ -303,7 +303,7 @@ class MiLoRALinear(nn.Module):
             self._set_param("lora_a", self.lora_a.detach().index_select(0, keep)[:, :E2, :R2], self.lora_a.requires_grad)
             self._set_param("lora_b", self.lora_b.detach().index_select(0, keep)[:, :E2, :, :R2], self.lora_b.requires_grad)
             if self.router_weight is not None:
-                if any(s.kind == "token" for s in self.slots):
+                if any(s.kind == "token" and s.rank > 0 for s in self.slots):
                     self._set_param("router_weight", self.router_weight.detach().index_select(0, keep)[:, :E2],
                                     self.router_weight.requires_grad)
                 else:
@@ -405,7 +405,7 @@ class MiLoRALinear(nn.Module):
             logits = logits.gather(1, token_slots.view(T, 1, 1).expand(T, 1, E)).squeeze(1)
         full = self._cache.get("token_full")
         if full is None:
-            full = self._cache["token_full"] = all(s.num_experts == E for s in self.slots if s.kind == "token")
+            full = self._cache["token_full"] = all(s.num_experts == E for s in self.slots if s.kind == "token" and s.rank > 0)
         valid = None
         if not full:
             valid = self.expert_mask.index_select(0, token_slots)
@@ -455,6 +455,8 @@ class MiLoRALinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         p = self._slot(name)
         s = self.slots[p]
+        if s.rank == 0:
+            return F.linear(x, self.weight, self.bias)
         T = x.numel() // self.in_features if self.in_features else 0
         dev = x.device
         if s.kind == "token":
