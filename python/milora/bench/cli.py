@@ -107,6 +107,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", type=_device, default="auto", help="cpu, cuda, cuda:N or auto (CUDA if available)")
     g.add_argument("--json", metavar="PATH", help="write the records (a JSON list, one per measurement)")
     g.add_argument("--plot", metavar="PATH", help="write a PNG plot (needs matplotlib)")
+    g.add_argument("--threads", type=_positive, help="torch CPU threads for the timed calls (default: torch's)")
     prog = g.add_mutually_exclusive_group()
     prog.add_argument("--progress", dest="progress", action="store_true", default=None,
                       help="always draw the progress bar (default: only when stderr is a terminal)")
@@ -241,6 +242,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     _check_outputs(ap, args)
     device = _resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     runner = {"layer": _layer, "generate": _generate, "all": _all}[args.command]
     records = runner(args, device)
     if args.json:

@@ -82,7 +82,7 @@ class GenSettings:
 
 PRESETS: Dict[str, GenSettings] = {
     # part of `milora-bench` with no arguments: the headline rows, beam 1, short prompts
-    "quick": GenSettings(prompt_len=16, new_tokens=16, beams=(1,), repeats=2,
+    "quick": GenSettings(prompt_len=16, new_tokens=16, beams=(1,), repeats=3,
                          methods=("base", "lora", "peft", "moelora", "milora")),
     # the default of `milora-bench generate` (~2-3 minutes on 2 CPU cores in bfloat16)
     "standard": GenSettings(),
@@ -365,6 +365,21 @@ def check_methods(methods: Dict[str, GenMethod], ids, am, names: Sequence[str], 
 # ---- running ----------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _setup_threads(device):
+    """Untimed CPU setup (thousands of small tensor ops) runs on one thread: on a machine shared
+    with other work, OpenMP teams of small ops can wait tens of ms on a descheduled thread."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def make_prompts(s: GenSettings, vocab: int, device) -> torch.Tensor:
     g = torch.Generator().manual_seed(s.seed + 7)
     return torch.randint(1, vocab, (s.batch, s.prompt_len), generator=g).to(device)
@@ -382,15 +397,17 @@ def run(s: GenSettings, device, dtype: torch.dtype, *, progress: Optional[bool] 
     printer(f"model {s.model}: {MODEL_PRESETS[s.model].describe()}; {s.batch} prompts x {s.prompt_len} tokens, "
             f"{s.new_tokens} new tokens each, {min(s.adapters, s.batch)} distinct adapters, beams {list(s.beams)}")
     t_setup = time.perf_counter()
-    base = build_model(s.model, dtype, device, seed=s.seed)
     records: List[Dict] = []
     with tempfile.TemporaryDirectory(prefix="milora-bench-") as workdir:
-        methods = build_methods(s, base, workdir, log=printer)
+        with _setup_threads(device):
+            base = build_model(s.model, dtype, device, seed=s.seed)
+            methods = build_methods(s, base, workdir, log=printer)
         ids = make_prompts(s, base.config.vocab_size, device)
         am = torch.ones_like(ids)
         rows = min(s.batch, 4)
         check_names = [f"t{i % s.adapters}" for i in range(rows)]
-        checks = check_methods(methods, ids[:rows, :8], am[:rows, :8], check_names, dtype, log=printer)
+        with _setup_threads(device):
+            checks = check_methods(methods, ids[:rows, :8], am[:rows, :8], check_names, dtype, log=printer)
         printer(f"setup (model, adapters, correctness checks): {time.perf_counter() - t_setup:.1f} s; timing "
                 f"{len(methods)} methods x {len(s.beams)} beam widths x {max(s.warmup, 1)} warm-up + {s.repeats} repeats")
         expect_len = s.prompt_len + s.new_tokens
