@@ -81,10 +81,10 @@ class GenSettings:
 
 
 PRESETS: Dict[str, GenSettings] = {
-    # part of `milora-bench` with no arguments: the headline rows, beam 1, short prompts
-    "quick": GenSettings(prompt_len=16, new_tokens=16, beams=(1,), repeats=3,
+    # part of `milora-bench` with no arguments: the headline rows, short prompts
+    "quick": GenSettings(prompt_len=16, new_tokens=16, repeats=3,
                          methods=("base", "lora", "peft", "moelora", "milora")),
-    # the default of `milora-bench generate` (~2-3 minutes on 2 CPU cores in bfloat16)
+    # the default of `milora-bench generate` (~1 minute on 2 idle CPU cores in bfloat16)
     "standard": GenSettings(),
 }
 
@@ -314,9 +314,9 @@ def check_methods(methods: Dict[str, GenMethod], ids, am, names: Sequence[str], 
     """Before timing: the prefill logits of every adapted method must match a reference
     (MiLoRA-model rows: the same model with the reference op; the peft row: the imported LoRA
     row, i.e. the same adapters), and must differ clearly from the base model's (the adapters
-    must matter, or a method skipping LoRA could pass). Per-token routing (MOELoRA) gets a
-    looser bound (3x the tolerance; in 16-bit dtypes at least a quarter of how far its adapters
-    move the logits): rounding differences flip some tokens' top-k expert choices.
+    must matter, or a method skipping LoRA could pass). In 16-bit dtypes the bound is
+    max(tolerance, 0.1 x how far the reference's adapters move the logits from base); per-token
+    routing (MOELoRA) gets max(3 x tolerance, 0.25 x that): rounding flips some tokens' top-k.
     Runs on a few rows and tokens (the reference op is a Python loop, per token for MOELoRA).
     Returns, per method, what it was checked against and the errors."""
     tol = LOGIT_TOL.get(dtype, 5e-2)
@@ -344,10 +344,16 @@ def check_methods(methods: Dict[str, GenMethod], ids, am, names: Sequence[str], 
                         ref_cache[key] = m.logits(ids, am, names)
                 want, against = ref_cache[key], "reference op"
             err = _rel_err(got, want)
-            allowed = tol
-            if name == "moelora":  # rounding flips some tokens' top-k experts: a looser, relative bound
-                moved_ref = _rel_err(want, base_logits) if base_logits is not None else 0.0
-                allowed = 3 * tol if dtype in (torch.float32, torch.float64) else max(3 * tol, 0.25 * moved_ref)
+            # rounding differences grow with depth and with the adapters' effect, so in 16-bit
+            # dtypes the bound is also relative to how far the reference's adapters move the logits
+            # (a dropped or misrouted LoRA errs by about that much); per-token routing, where
+            # rounding flips some tokens' top-k experts, gets a looser bound
+            moved_ref = _rel_err(want, base_logits) if base_logits is not None else 0.0
+            low = dtype not in (torch.float32, torch.float64)
+            if name == "moelora":
+                allowed = max(3 * tol, 0.25 * moved_ref) if low else 3 * tol
+            else:
+                allowed = max(tol, 0.1 * moved_ref) if low else tol
             if not err <= allowed:
                 raise AssertionError(f"generate method {name!r}: prefill logits differ from the {against} by "
                                      f"{err:.3g} (normalised; tolerance {allowed:g} for {dtype}); it is not timed")
