@@ -60,10 +60,13 @@ def time_interleaved(
     repeats: int = 10,
     l2_flush: bool = False,
     on_step: Optional[Callable[[], None]] = None,
+    rotate: bool = True,
 ) -> Dict[str, Timing]:
     """Time each method `repeats` times, cycling through the methods on every round.
 
-    on_step is called after each timed call (a progress bar hook)."""
+    rotate: round r starts with method r mod n, so that no method always runs right after the
+    same neighbour (warm caches, allocator state). on_step is called after each timed call
+    (a progress bar hook)."""
     device = torch.device(device)
     flush = _L2Flusher(device) if (l2_flush and device.type == "cuda") else None
     for _ in range(warmup):
@@ -72,8 +75,10 @@ def time_interleaved(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     samples: Dict[str, List[float]] = {name: [] for name in methods}
-    for _ in range(repeats):
-        for name, fn in methods.items():
+    order = list(methods.items())
+    for r in range(repeats):
+        shift = r % len(order) if (rotate and order) else 0
+        for name, fn in order[shift:] + order[:shift]:
             samples[name].append(_timed_call(fn, device, flush))
             if on_step is not None:
                 on_step()

@@ -1,0 +1,199 @@
+"""The layer bench: one linear layer serving a multi-tenant batch, every method of
+`methods.py` timed interleaved on the same problem after a correctness check.
+
+A case is (phase, K x N, batch, adapters P, popularity mix, rank R, experts E with k active):
+decode = S sequences of one token each, prefill = a few long sequences. Presets pick the
+sweep; every CLI flag overrides one dimension of it.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, replace
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from milora_ext.workloads import adapter_mix, make_problem
+
+from .methods import LABELS, METHODS, build_methods, check_methods, reference_output
+from .progress import Progress
+from .timing import time_interleaved
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    phase: str                 # "decode" | "prefill"
+    K: int
+    N: int
+    seqs: int
+    seq_len: int
+    adapters: int              # P adapter slots
+    mix: str
+    rank: int
+    experts: int
+    active: Optional[int]      # non-zero gates per sequence (None = all E)
+    dtype: torch.dtype
+
+    @property
+    def tokens(self) -> int:
+        return self.seqs * self.seq_len
+
+
+@dataclass
+class LayerSweep:
+    shapes: Sequence[Tuple[int, int]] = ((4096, 4096), (4096, 11008))
+    phases: Sequence[str] = ("decode", "prefill")
+    decode_seqs: Sequence[int] = (64,)
+    prefill: Sequence[Tuple[int, int]] = ((4, 512),)       # (sequences, tokens each)
+    adapters: Sequence[object] = (1, 4, 16, 64)          # ints, or "S" = one adapter per sequence
+    mixes: Sequence[str] = ("distinct", "uniform", "skewed")
+    ranks: Sequence[int] = (16,)
+    experts: Sequence[Tuple[int, Optional[int]]] = ((1, None),)
+    dtypes: Sequence[torch.dtype] = (torch.bfloat16,)
+    methods: Sequence[str] = METHODS
+    warmup: int = 1
+    repeats: int = 10
+    prefill_repeats: int = 5
+
+
+PRESETS: Dict[str, LayerSweep] = {
+    # `milora-bench` with no arguments: a few rows, seconds on a 2-core CPU
+    "quick": LayerSweep(shapes=((4096, 4096),), decode_seqs=(16,), prefill=((2, 32),), adapters=(1, 16),
+                        mixes=("distinct",), repeats=5, prefill_repeats=3),
+    # the issue's sweep (the default of `milora-bench layer`; long on a CPU, minutes on a GPU)
+    "standard": LayerSweep(),
+    # mixtures of experts per linear (MOELoRA's 8 experts of rank 4, top-4, and smaller)
+    "moe": LayerSweep(shapes=((4096, 4096),), adapters=(1, 16), mixes=("distinct",), ranks=(4, 16),
+                      experts=((1, None), (4, 2), (8, 4))),
+    # the foundation issue's op table: op vs base vs PEFT loop, float32 and bfloat16
+    "foundation": LayerSweep(shapes=((4096, 4096),), decode_seqs=(1, 8, 32), prefill=((4, 512),), adapters=("S",),
+                             mixes=("distinct",), experts=((1, None), (4, 2)),
+                             dtypes=(torch.float32, torch.bfloat16), methods=("base", "milora", "peft_loop"),
+                             repeats=7, prefill_repeats=3),
+}
+
+
+def cases(sw: LayerSweep) -> Iterator[LayerCase]:
+    """The cases of a sweep, without duplicates (a mix is irrelevant with one adapter; a
+    prefill batch of S sequences uses at most S adapters)."""
+    seen = set()
+    for dtype, (K, N), phase, R, (E, k) in itertools.product(sw.dtypes, sw.shapes, sw.phases, sw.ranks, sw.experts):
+        batches = [(S, 1) for S in sw.decode_seqs] if phase == "decode" else list(sw.prefill)
+        for (S, L), P, mix in itertools.product(batches, sw.adapters, sw.mixes):
+            P = S if P == "S" else int(P)
+            if phase == "prefill":
+                P = min(P, S)
+            mix = "distinct" if P == 1 else mix
+            k2 = None if (k is None or k >= E) else k
+            c = LayerCase(phase, K, N, S, L, P, mix, R, E, k2, dtype)
+            if c not in seen:
+                seen.add(c)
+                yield c
+
+
+def problem_for(c: LayerCase, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = adapter_mix(c.seqs, c.adapters, c.mix, g)
+    return make_problem([c.seq_len] * c.seqs, ids, K=c.K, N=c.N, P=c.adapters, E=c.experts, R=c.rank,
+                        active_experts=c.active, dtype=c.dtype, device=device, bias=False, seed=seed)
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def run(sw: LayerSweep, device, *, l2_flush: bool = False, progress: Optional[bool] = None,
+        seed: int = 0, printer=print) -> List[Dict]:
+    """Run the sweep; prints one table row per (case, method) and returns the records."""
+    device = torch.device(device)
+    all_cases = list(cases(sw))
+    steps = sum(len(sw.methods) * (sw.warmup + (sw.repeats if c.phase == "decode" else sw.prefill_repeats))
+                for c in all_cases)
+    records: List[Dict] = []
+    printer(TABLE_HEADER)
+    with Progress(steps, enabled=progress) as bar:
+        for c in all_cases:
+            bar.set_label(f"layer {c.phase} {c.K}x{c.N} S={c.seqs} P={c.adapters} {c.mix} R={c.rank} E={c.experts}")
+            p = problem_for(c, device, seed)
+            methods = build_methods(p, sw.methods, scaling=2.0, seed=seed)
+            check_methods(methods)
+            if "base" in methods and c.adapters > 0:
+                # the LoRA term must matter, or a method that skips it could pass the check
+                base_y = methods["base"].expected()
+                if torch.allclose(reference_output(p).float(), base_y.float(), rtol=0.1, atol=0.1):
+                    raise AssertionError("layer bench problem: the LoRA term is negligible; the check would be blind")
+            reps = sw.repeats if c.phase == "decode" else sw.prefill_repeats
+            bar.step(len(methods) * sw.warmup)
+            t = time_interleaved({n: m.fn for n, m in methods.items()}, device, warmup=sw.warmup, repeats=reps,
+                                 l2_flush=l2_flush, on_step=bar.step)
+            base_ms = t["base"].median_ms if "base" in t else None
+            for name, m in methods.items():
+                tm = t[name]
+                rec = dict(
+                    bench="layer", phase=c.phase, method=name, label=LABELS[name], device=str(device),
+                    dtype=_dtype_name(c.dtype), K=c.K, N=c.N, tokens=c.tokens, seqs=c.seqs, seq_len=c.seq_len,
+                    adapters=c.adapters, adapters_used=len(set(p.adapter_ids.tolist()) - {-1}), mix=c.mix,
+                    rank=c.rank, experts=c.experts, active_experts=c.active or c.experts,
+                    median_ms=tm.median_ms, min_ms=tm.min_ms, max_ms=tm.max_ms, repeats=reps,
+                    ratio_to_base=(tm.median_ms / base_ms) if base_ms else None,
+                    floor_ratio=m.floor_ratio if c.phase == "decode" else None,
+                    checked=True,
+                )
+                records.append(rec)
+                printer(format_row(rec))
+    return records
+
+
+TABLE_HEADER = ("| phase | K x N | dtype | T | S | P | mix | R | E (k) | method | median ms | min-max ms | x base | byte floor |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def format_row(r: Dict) -> str:
+    ratio = f"{r['ratio_to_base']:.2f}" if r["ratio_to_base"] is not None else "-"
+    floor = f"{r['floor_ratio']:.3f}" if r["floor_ratio"] is not None else "-"
+    return (f"| {r['phase']} | {r['K']}x{r['N']} | {r['dtype']} | {r['tokens']} | {r['seqs']} | {r['adapters']} | "
+            f"{r['mix']} | {r['rank']} | {r['experts']} ({r['active_experts']}) | {r['label']} | "
+            f"{r['median_ms']:.3f} | {r['min_ms']:.3f}-{r['max_ms']:.3f} | {ratio} | {floor} |")
+
+
+def sweep_from_args(args) -> LayerSweep:
+    """The preset named by args.preset with every given flag overriding its dimension."""
+    sw = PRESETS[args.preset]
+    over = {}
+    if args.shapes:
+        over["shapes"] = tuple(args.shapes)
+    if args.phase:
+        over["phases"] = tuple(args.phase)
+    if args.seqs:
+        over["decode_seqs"] = tuple(args.seqs)
+    if args.prefill:
+        over["prefill"] = tuple(args.prefill)
+    if args.adapters:
+        over["adapters"] = tuple(args.adapters)
+    if args.mix:
+        over["mixes"] = tuple(args.mix)
+    if args.rank:
+        over["ranks"] = tuple(args.rank)
+    if args.experts:
+        over["experts"] = tuple(args.experts)
+    if args.dtype:
+        over["dtypes"] = tuple(args.dtype)
+    if args.methods:
+        m = list(args.methods)
+        if "base" not in m:
+            m.insert(0, "base")  # ratios need it
+        over["methods"] = tuple(m)
+    if args.repeats is not None:
+        over["repeats"] = args.repeats
+        over["prefill_repeats"] = max(1, min(args.repeats, sw.prefill_repeats)) if args.prefill_repeats is None else args.prefill_repeats
+    if args.prefill_repeats is not None:
+        over["prefill_repeats"] = args.prefill_repeats
+    if args.warmup is not None:
+        over["warmup"] = args.warmup
+    return replace(sw, **over)
+
+
+def sweep_dict(sw: LayerSweep) -> Dict:
+    d = asdict(sw)
+    d["dtypes"] = [_dtype_name(t) for t in sw.dtypes]
+    return d

@@ -1,0 +1,162 @@
+"""milora-bench runs on tiny sizes and writes valid records (no speed assertions)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from milora.bench import cli  # noqa: E402
+from milora.bench.progress import Progress  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REQUIRED = ("bench", "method", "device", "dtype", "tokens", "seqs", "adapters", "rank", "experts",
+            "median_ms", "min_ms", "max_ms", "ratio_to_base", "floor_ratio", "env")
+
+LAYER_TINY = ["layer", "--preset", "quick", "--device", "cpu", "--dtype", "float32", "--shapes", "64x96",
+              "--seqs", "4", "--prefill", "2x8", "--adapters", "1", "3", "--repeats", "1", "--warmup", "0"]
+GEN_TINY = ["generate", "--model", "micro", "--device", "cpu", "--dtype", "float32", "--batch", "2",
+            "--prompt-len", "4", "--new-tokens", "2", "--beams", "1", "2", "--repeats", "1", "--warmup", "0"]
+
+
+def _check_records(records, bench, methods):
+    assert isinstance(records, list) and records
+    for r in records:
+        for key in REQUIRED:
+            assert key in r, f"{key} missing from {r}"
+        assert r["bench"] == bench
+        assert r["min_ms"] > 0 and r["median_ms"] > 0 and r["max_ms"] >= r["median_ms"] >= r["min_ms"]
+        assert r["ratio_to_base"] > 0
+        assert r["env"]["torch"] and r["env"]["device"] == "cpu"
+    got = {r["method"] for r in records}
+    assert set(methods) <= got, got
+    for r in records:
+        if r["method"] == "base":
+            assert r["ratio_to_base"] == pytest.approx(1.0)
+
+
+def _run_module(args, tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "python"), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "milora.bench", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_layer_main_writes_records(tmp_path, capsys):
+    out = tmp_path / "layer.json"
+    assert cli.main(LAYER_TINY + ["--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    _check_records(records, "layer", ["base", "peft_loop", "gather_bmm", "moelora", "milora_ref", "milora"])
+    for r in records:
+        assert r["checked"] is True
+        if r["phase"] == "decode":
+            assert r["floor_ratio"] >= 1.0
+        else:
+            assert r["floor_ratio"] is None
+    text = capsys.readouterr().out
+    assert "torch:" in text and "| decode |" in text and "| prefill |" in text
+
+
+def test_layer_module_subprocess(tmp_path):
+    out = tmp_path / "layer.json"
+    res = _run_module(LAYER_TINY + ["--methods", "milora", "--phase", "decode", "--json", str(out)], tmp_path)
+    assert res.returncode == 0, res.stderr
+    records = json.loads(out.read_text())
+    _check_records(records, "layer", ["base", "milora"])
+    assert {r["method"] for r in records} == {"base", "milora"}
+
+
+def test_generate_main_writes_records(tmp_path):
+    out = tmp_path / "gen.json"
+    assert cli.main(GEN_TINY + ["--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    methods = ["base", "lora", "moelora", "milora_ref", "milora"]
+    try:
+        import peft  # noqa: F401
+        methods += ["peft", "peft_single"]
+    except ImportError:
+        pass
+    _check_records(records, "generate", methods)
+    assert {r["beams"] for r in records} == {1, 2}
+    for r in records:
+        assert r["tokens"] == 2 * 2 and r["tokens_per_s"] > 0
+        assert r["peak_mb"] > 0 and r["weights_mb"] > 0
+        assert r["floor_ratio"] is None
+        if r["method"] == "base":
+            assert r["speed_vs_base"] == pytest.approx(1.0)
+        if r["method"] == "moelora":
+            assert r["speed_vs_moelora"] == pytest.approx(1.0) and r["experts"] == 8
+
+
+def test_generate_module_subprocess(tmp_path):
+    out = tmp_path / "gen.json"
+    res = _run_module(GEN_TINY + ["--beams", "1", "--methods", "milora", "--json", str(out)], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "tokens/s" in res.stdout and "target (beam 1)" in res.stdout
+    records = json.loads(out.read_text())
+    _check_records(records, "generate", ["base", "milora"])
+
+
+def test_plot_writes_png(tmp_path):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (optional dependency)")
+    png = tmp_path / "layer.png"
+    assert cli.main(LAYER_TINY + ["--methods", "milora", "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from milora.bench.plot import write_plot
+    gen = [dict(bench="generate", method=m, label=m, model="micro", seqs=2, new_tokens=2, dtype="float32",
+                device="cpu", beams=b, tokens_per_s=10.0 + i, speed_vs_base=1.0) for i, m in enumerate(["base", "milora"])
+           for b in (1, 3)]
+    png2 = tmp_path / "gen.png"
+    write_plot(gen, str(png2))
+    assert png2.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["layer", "--shapes", "4096"], "KxN"),
+    (["layer", "--dtype", "int8"], "unknown dtype"),
+    (["layer", "--experts", "2:3"], "active experts"),
+    (["layer", "--adapters", "0"], "positive integer"),
+    (["layer", "--methods", "fast_but_wrong"], "invalid choice"),
+    (["generate", "--model", "gpt-17"], "invalid choice"),
+    (["generate", "--new-tokens", "-1"], "positive integer"),
+    (["generate", "--json", "/no/such/dir/out.json"], "does not exist"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_arguments_give_clear_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cuda_request_without_cuda_is_an_error(capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(SystemExit):
+        cli.main(["layer", "--device", "cuda"])
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_no_arguments_runs_the_quick_default(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(cli, "_all", lambda args, device: seen.append(args.command) or [])
+    assert cli.main([]) == 0
+    out = tmp_path / "x.json"
+    assert cli.main(["--json", str(out)]) == 0
+    assert seen == ["all", "all"] and json.loads(out.read_text()) == []
+
+
+def test_progress_bar_draws_and_clears():
+    import io
+    s = io.StringIO()
+    with Progress(4, enabled=True, stream=s) as bar:
+        bar.set_label("x")
+        bar.step(2)
+    assert "2/4" in s.getvalue() and s.getvalue().endswith("\r")
+    quiet = io.StringIO()
+    with Progress(4, stream=quiet) as bar:  # not a terminal: silent
+        bar.step()
+    assert quiet.getvalue() == ""
