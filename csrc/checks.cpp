@@ -104,6 +104,14 @@ GatedLoraShape check_gated_lora_args(
   return GatedLoraShape{T, K, N, P, E, R, S};
 }
 
+IndexReader::IndexReader(const at::Tensor& t) : owned_(t.contiguous()), size_(t.numel()) {
+  if (owned_.scalar_type() == at::kLong) {
+    p64_ = owned_.data_ptr<int64_t>();
+  } else {
+    p32_ = owned_.data_ptr<int32_t>();
+  }
+}
+
 void check_index_values(
     const char* op,
     const at::Tensor& seq_offsets_cpu,
@@ -111,10 +119,9 @@ void check_index_values(
     int64_t num_tokens,
     int64_t num_slots) {
   TORCH_CHECK(seq_offsets_cpu.is_cpu() && adapter_ids_cpu.is_cpu(), op, ": index values are checked on the host");
-  const auto off = seq_offsets_cpu.to(at::kLong).contiguous();  // [S + 1]
-  const auto aid = adapter_ids_cpu.to(at::kLong).contiguous();  // [S]
-  const int64_t* o = off.data_ptr<int64_t>();
-  const int64_t S = off.numel() - 1;
+  const IndexReader o(seq_offsets_cpu);  // [S + 1]
+  const IndexReader a(adapter_ids_cpu);  // [S]
+  const int64_t S = o.size() - 1;
   TORCH_CHECK_VALUE(o[0] == 0, op, ": seq_offsets must start at 0, got seq_offsets[0] = ", o[0]);
   for (int64_t s = 0; s < S; ++s) {
     TORCH_CHECK_VALUE(
@@ -124,8 +131,7 @@ void check_index_values(
   TORCH_CHECK_VALUE(
       o[S] == num_tokens, op, ": seq_offsets must end at T = ", num_tokens,
       " (the number of tokens in x), got seq_offsets[", S, "] = ", o[S]);
-  const int64_t* a = aid.data_ptr<int64_t>();
-  for (int64_t s = 0; s < aid.numel(); ++s) {
+  for (int64_t s = 0; s < a.size(); ++s) {
     TORCH_CHECK_INDEX(
         a[s] >= -1 && a[s] < num_slots, op, ": adapter_ids[", s, "] = ", a[s],
         " is out of range: expected -1 (base only) or a slot in [0, P = ", num_slots, ")");

@@ -32,6 +32,21 @@ GatedLoraShape check_gated_lora_args(
     const at::Tensor& adapter_ids,
     const at::Tensor& gates);
 
+// Element i of a CPU int32 / int64 index tensor as int64, read in place (a contiguous copy
+// only when the tensor is not contiguous): no ATen op per call on the hot path.
+class IndexReader {
+ public:
+  explicit IndexReader(const at::Tensor& t);
+  int64_t operator[](int64_t i) const { return p64_ != nullptr ? p64_[i] : static_cast<int64_t>(p32_[i]); }
+  int64_t size() const { return size_; }
+
+ private:
+  at::Tensor owned_;
+  const int64_t* p64_ = nullptr;
+  const int32_t* p32_ = nullptr;
+  int64_t size_ = 0;
+};
+
 // Values of the index tensors, which must be CPU tensors (int32 or int64):
 // 0 = offsets[0] <= ... <= offsets[S] = num_tokens, -1 <= adapter_ids[s] < num_slots.
 void check_index_values(

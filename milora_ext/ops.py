@@ -1,4 +1,4 @@
-"""Typed Python API of the milora_ext ops, with their fake (meta) and autograd registrations."""
+"""Typed Python API of the milora_ext ops, with their fake (meta) registrations."""
 from __future__ import annotations
 
 from typing import Optional
@@ -130,34 +130,6 @@ def _gated_lora_linear_backward_fake(grad_y, x, weight, lora_a, lora_b, seq_offs
 def _check_indices_fake(seq_offsets, adapter_ids, num_tokens, num_slots):
     return None
 
-
-# ---- autograd ---------------------------------------------------------------------------
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, seq_offsets, adapter_ids, gates = inputs
-    ctx.save_for_backward(x, weight, lora_a, lora_b, seq_offsets, adapter_ids, gates)
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad_y):
-    x, weight, lora_a, lora_b, seq_offsets, adapter_ids, gates = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    mask = [need[0], need[1], ctx.has_bias and need[2], need[3], need[4], need[7]]
-    dx, dw, db, da, dbl, dg = _OPS.gated_lora_linear_backward(
-        grad_y.contiguous(), x, weight, lora_a, lora_b, seq_offsets, adapter_ids, gates, mask
-    )
-    pick = lambda t, m: t if m else None  # noqa: E731
-    return (
-        pick(dx, mask[0]),
-        pick(dw, mask[1]),
-        pick(db, mask[2]),
-        pick(da, mask[3]),
-        pick(dbl, mask[4]),
-        None,
-        None,
-        pick(dg, mask[5]),
-    )
-
-
-torch.library.register_autograd("milora_ext::gated_lora_linear", _backward, setup_context=_setup_context)
+# Autograd is registered in C++ (csrc/gated_lora_linear_autograd.cpp): a Python autograd
+# kernel cost as much per call as the LoRA term of a decode step. The gradients come from
+# torch.ops.milora_ext.gated_lora_linear_backward, whose fake is above.

@@ -87,3 +87,18 @@ def test_zero_gate_gradient_is_the_true_gradient():
     expected = ((p.x @ p.lora_a[0, 0].t()) @ p.lora_b[0, 0].t()).sum()
     torch.testing.assert_close(gates.grad[0, 0], expected)
     assert gates.grad[0, 0].abs() > 0
+
+
+def test_gradcheck_without_bias():
+    # With bias None the autograd node has one input edge fewer: every later gradient must
+    # still land on its own input.
+    p = make_problem([3, 2], [1, 0], K=6, N=4, P=2, E=2, R=2, dtype=torch.float64, bias=False, seed=4)
+
+    def f(x, w, a, bl, g):
+        return milora_ext.gated_lora_linear(x, w, None, a, bl, p.seq_offsets, p.adapter_ids, g)
+
+    inputs = tuple(t.detach().clone().requires_grad_(True) for t in (p.x, p.weight, p.lora_a, p.lora_b, p.gates))
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+    gates_only = p.gates.detach().clone().requires_grad_(True)
+    f(p.x, p.weight, p.lora_a, p.lora_b, gates_only).sum().backward()
+    assert gates_only.grad is not None and gates_only.grad.abs().sum() > 0

@@ -36,7 +36,7 @@ constexpr int64_t kDotTokens = 16;        // tokens per dot shrink work item
 constexpr int64_t kDotRows = 8;           // rank rows per dot shrink work item
 constexpr int64_t kExpandCols = 256;      // output columns per expand work item
 
-constexpr int64_t kParallelMinMacs = 1 << 20;  // below this a phase runs on the calling thread
+constexpr int64_t kParallelMinMacs = 1 << 16;  // below this a phase runs on the calling thread
 
 int64_t round_up(int64_t v, int64_t m) {
   return (v + m - 1) / m * m;

@@ -134,7 +134,8 @@ def _layer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=_positive, help="timed repeats per decode case")
     p.add_argument("--prefill-repeats", type=_positive, help="timed repeats per prefill case")
     p.add_argument("--warmup", type=_non_negative)
-    p.add_argument("--l2-flush", action="store_true", help="CUDA: flush L2 before every timed call")
+    p.add_argument("--cache-flush", "--l2-flush", dest="l2_flush", action="store_true",
+                   help="rewrite a buffer twice the last-level cache (GPU L2, CPU L3) before every timed call")
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:

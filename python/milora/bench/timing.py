@@ -2,7 +2,8 @@
 
 Methods are timed interleaved (round-robin over repeats) in one process so that machine
 drift hits all of them alike; each reports median, min and max over the repeats. On CUDA
-the timings come from CUDA events after a synchronize, with an optional L2 flush.
+the timings come from CUDA events after a synchronize. An optional cache flush (GPU L2 or
+CPU L3) before each timed call makes every call start cold.
 """
 from __future__ import annotations
 
@@ -24,22 +25,42 @@ class Timing:
     samples: List[float]
 
 
-class _L2Flusher:
-    """Writes a buffer larger than the GPU's L2 cache so each timed call starts cold."""
+def _cpu_last_level_cache_bytes() -> int:
+    """Size of the largest CPU cache sysfs reports (the L3 on x86), 32 MiB if unknown."""
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(base):
+            with open(os.path.join(base, entry, "size")) as f:
+                text = f.read().strip().upper()
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            best = max(best, int(text.rstrip("KMG")) * mult)
+    except (OSError, ValueError):
+        pass
+    return best or (32 << 20)
+
+
+class _CacheFlusher:
+    """Rewrites a buffer twice the size of the last-level cache (the GPU's L2, the CPU's L3)
+    before each timed call, so every call starts with cold caches, as a layer's weights do in
+    a model whose other layers ran in between."""
 
     def __init__(self, device: torch.device):
-        props = torch.cuda.get_device_properties(device)
-        size = max(2 * getattr(props, "L2_cache_size", 64 << 20), 64 << 20)
-        self.buf = torch.empty(size // 4, dtype=torch.float32, device=device)
+        if device.type == "cuda":
+            props = torch.cuda.get_device_properties(device)
+            size = max(2 * getattr(props, "L2_cache_size", 64 << 20), 64 << 20)
+        else:
+            size = 2 * _cpu_last_level_cache_bytes()
+        self.buf = torch.zeros(size // 4, dtype=torch.float32, device=device)
 
     def __call__(self):
-        self.buf.zero_()
+        self.buf.add_(1.0)
 
 
-def _timed_call(fn: Callable[[], object], device: torch.device, flush: Optional[_L2Flusher]) -> float:
+def _timed_call(fn: Callable[[], object], device: torch.device, flush: Optional[_CacheFlusher]) -> float:
+    if flush is not None:
+        flush()
     if device.type == "cuda":
-        if flush is not None:
-            flush()
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         start.record()
@@ -68,7 +89,7 @@ def time_interleaved(
     same neighbour (warm caches, allocator state). on_step is called after each timed call
     (a progress bar hook)."""
     device = torch.device(device)
-    flush = _L2Flusher(device) if (l2_flush and device.type == "cuda") else None
+    flush = _CacheFlusher(device) if l2_flush else None
     for _ in range(warmup):
         for fn in methods.values():
             fn()
