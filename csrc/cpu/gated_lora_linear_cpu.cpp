@@ -20,6 +20,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <functional>
+#include <map>
 #include <vector>
 
 #include "checks.h"
@@ -31,7 +33,8 @@ namespace milora::cpu {
 namespace {
 
 constexpr int64_t kPackedMinTokens = 16;  // an (adapter, expert) with this many tokens uses packed tiles
-constexpr int64_t kPackedTokens = 96;     // tokens per packed shrink work item (16 tiles of 6)
+constexpr int64_t kPackedMinChunk = 48;   // tokens per packed shrink work item: at least...
+constexpr int64_t kPackedMaxChunk = 1024; // ...and at most
 constexpr int64_t kDotTokens = 16;        // tokens per dot shrink work item
 constexpr int64_t kDotRows = 8;           // rank rows per dot shrink work item
 constexpr int64_t kExpandCols = 256;      // output columns per expand work item
@@ -72,97 +75,123 @@ struct LoraOperands {
   const scalar_t* b_rows(int64_t p, int64_t e) const { return b + (p * E + e) * N * R; }
 };
 
-// The tokens of one (adapter, expert): every token of the adapter's sequences whose gate
-// for the expert is non-zero, with that gate.
-template <typename acc_t>
+// The tokens of one adapter whose sequences share one set of active experts (gate != 0).
+// Prefill batches have one sequence per adapter, so one list per adapter.
 struct TokenList {
-  int64_t adapter, expert;
-  std::vector<int64_t> tokens;
-  std::vector<acc_t> gates;
+  int64_t adapter;
+  std::vector<int64_t> experts;  // the active experts, ascending
+  std::vector<int64_t> tokens;   // in batch order
+  std::vector<int64_t> seqs;     // the sequence of each token
 };
 
 struct ShrinkItem {
-  int64_t list;      // index into the token lists
-  int64_t i0, i1;    // tokens [i0, i1) of the list
-  int64_t r0, r1;    // U lanes [r0, r1) (rank rows, the last block running into the pad)
+  int64_t list;    // index into the token lists
+  int64_t i0, i1;  // tokens [i0, i1) of the list
+  int64_t q;       // dot items: the expert (index into the list's experts); packed items: all
+  int64_t r0, r1;  // dot items: rank rows [r0, r1)
   bool packed;
 };
 
+std::vector<TokenList> token_lists(const LoraPlan& plan, int64_t E, const std::function<bool(int64_t, int64_t)>& active) {
+  std::vector<TokenList> lists;
+  for (const auto& grp : plan.groups) {
+    std::map<std::vector<int64_t>, size_t> by_set;
+    for (int64_t s : grp.seqs) {
+      std::vector<int64_t> experts;
+      for (int64_t e = 0; e < E; ++e)
+        if (active(s, e)) experts.push_back(e);
+      auto [it, fresh] = by_set.emplace(experts, lists.size());
+      if (fresh) lists.push_back(TokenList{grp.adapter, std::move(experts), {}, {}});
+      TokenList& l = lists[it->second];
+      for (int64_t t = plan.seq_begin(s); t < plan.seq_end(s); ++t) {
+        l.tokens.push_back(t);
+        l.seqs.push_back(s);
+      }
+    }
+  }
+  return lists;
+}
+
+// U[t, e, :] = gates[s, e] * A[p, e] @ x[t] for every token and active expert; pad lanes 0.
+// Packed lists (many tokens) pack A^T of all their experts once per item and read each x
+// row once for all of them; the others run dot tiles per (expert, 8 rank rows).
 template <typename scalar_t, typename acc_t>
 void lora_shrink(const LoraOperands<scalar_t, acc_t>& op, const LoraPlan& plan) {
   RECORD_FUNCTION("milora::lora_shrink_cpu", std::vector<c10::IValue>());
   using V = Vec<acc_t>;
   const int64_t E = op.E, R = op.R, K = op.K, Rpad = op.Rpad;
-  std::vector<TokenList<acc_t>> lists;
-  for (const auto& grp : plan.groups) {
-    for (int64_t e = 0; e < E; ++e) {
-      TokenList<acc_t> l{grp.adapter, e, {}, {}};
-      for (int64_t s : grp.seqs) {
-        const acc_t g = op.gate(s, e);
-        if (g == acc_t(0)) continue;
-        for (int64_t t = plan.seq_begin(s); t < plan.seq_end(s); ++t) {
-          l.tokens.push_back(t);
-          l.gates.push_back(g);
-        }
-      }
-      if (!l.tokens.empty()) lists.push_back(std::move(l));
-    }
-  }
+  const auto lists = token_lists(plan, E, [&](int64_t s, int64_t e) { return op.gate(s, e) != acc_t(0); });
+  const int64_t threads = at::get_num_threads();
   std::vector<ShrinkItem> items;
   int64_t macs = 0;
   for (int64_t l = 0; l < static_cast<int64_t>(lists.size()); ++l) {
     const int64_t n = static_cast<int64_t>(lists[l].tokens.size());
-    macs += n * R * K;
-    const bool packed = n >= kPackedMinTokens;
-    const int64_t step_t = packed ? kPackedTokens : kDotTokens;
-    const int64_t step_r = packed ? 2 * V::size : kDotRows;
-    for (int64_t i0 = 0; i0 < n; i0 += step_t)
-      for (int64_t r0 = 0; r0 < Rpad; r0 += step_r)
-        items.push_back(ShrinkItem{l, i0, std::min(i0 + step_t, n), r0, std::min(r0 + step_r, Rpad), packed});
+    const int64_t ne = static_cast<int64_t>(lists[l].experts.size());
+    macs += n * ne * R * K;
+    if (n >= kPackedMinTokens) {
+      // Enough items to keep every thread busy, few enough to pack each panel rarely.
+      const int64_t chunk = std::clamp(round_up((n + threads - 1) / threads, kPackedRows), kPackedMinChunk, kPackedMaxChunk);
+      for (int64_t i0 = 0; i0 < n; i0 += chunk) items.push_back(ShrinkItem{l, i0, std::min(i0 + chunk, n), 0, 0, Rpad, true});
+      continue;
+    }
+    for (int64_t q = 0; q < ne; ++q)
+      for (int64_t i0 = 0; i0 < n; i0 += kDotTokens)
+        for (int64_t r0 = 0; r0 < R; r0 += kDotRows)
+          items.push_back(ShrinkItem{l, i0, std::min(i0 + kDotTokens, n), q, r0, std::min(r0 + kDotRows, R), false});
   }
   for_items(static_cast<int64_t>(items.size()), macs, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> panel;  // [K][r1 - r0]: A^T for the item's rank rows
+    std::vector<acc_t> panels;  // [experts][K][Rpad]: A^T of each active expert, zero beyond R
     for (int64_t w = begin; w < end; ++w) {
       const ShrinkItem& it = items[w];
-      const TokenList<acc_t>& l = lists[it.list];
-      const scalar_t* a_rows = op.a_rows(l.adapter, l.expert);
-      const int64_t width = it.r1 - it.r0;
+      const TokenList& l = lists[it.list];
       if (it.packed) {
-        panel.assign(K * width, acc_t(0));
-        for (int64_t j = 0; j < width && it.r0 + j < R; ++j) {
-          const scalar_t* row = a_rows + (it.r0 + j) * K;
-          for (int64_t k = 0; k < K; ++k) panel[k * width + j] = static_cast<acc_t>(row[k]);
+        const int64_t ne = static_cast<int64_t>(l.experts.size());
+        panels.assign(ne * K * Rpad, acc_t(0));
+        for (int64_t q = 0; q < ne; ++q) {
+          const scalar_t* a_rows = op.a_rows(l.adapter, l.experts[q]);
+          acc_t* panel = panels.data() + q * K * Rpad;
+          for (int64_t k = 0; k < K; ++k)
+            for (int64_t r = 0; r < R; ++r) panel[k * Rpad + r] = static_cast<acc_t>(a_rows[r * K + k]);
         }
         for (int64_t i = it.i0; i < it.i1; i += kPackedRows) {
           const int mr = static_cast<int>(std::min<int64_t>(kPackedRows, it.i1 - i));
           const scalar_t* xr[kPackedRows];
           acc_t* out[kPackedRows];
-          for (int q = 0; q < mr; ++q) {
-            xr[q] = op.x + l.tokens[i + q] * K;
-            out[q] = op.u_row(l.tokens[i + q], l.expert) + it.r0;
-          }
-          if (width == 2 * V::size) {
-            packed_shrink_any<2>(mr, xr, l.gates.data() + i, panel.data(), width, K, out);
-          } else {
-            packed_shrink_any<1>(mr, xr, l.gates.data() + i, panel.data(), width, K, out);
+          acc_t gate[kPackedRows];
+          for (int q = 0; q < mr; ++q) xr[q] = op.x + l.tokens[i + q] * K;
+          for (int64_t q = 0; q < ne; ++q) {
+            const int64_t e = l.experts[q];
+            for (int j = 0; j < mr; ++j) gate[j] = op.gate(l.seqs[i + j], e);
+            for (int64_t r0 = 0; r0 < Rpad; r0 += 2 * V::size) {
+              for (int j = 0; j < mr; ++j) out[j] = op.u_row(l.tokens[i + j], e) + r0;
+              const acc_t* panel = panels.data() + q * K * Rpad + r0;
+              if (Rpad - r0 >= 2 * V::size) {
+                packed_shrink_any<2>(mr, xr, gate, panel, Rpad, K, out);
+              } else {
+                packed_shrink_any<1>(mr, xr, gate, panel, Rpad, K, out);
+              }
+            }
           }
         }
         continue;
       }
+      const int64_t e = l.experts[it.q];
+      const scalar_t* a_rows = op.a_rows(l.adapter, e);
       acc_t dots[4 * 2];
       for (int64_t i = it.i0; i < it.i1; i += 4) {
         const int tm = static_cast<int>(std::min<int64_t>(4, it.i1 - i));
         const scalar_t* xr[4];
         for (int q = 0; q < tm; ++q) xr[q] = op.x + l.tokens[i + q] * K;
-        for (int64_t r = it.r0; r < std::min(it.r1, R); r += 2) {
-          const int tj = static_cast<int>(std::min<int64_t>(2, std::min(it.r1, R) - r));
+        for (int64_t r = it.r0; r < it.r1; r += 2) {
+          const int tj = static_cast<int>(std::min<int64_t>(2, it.r1 - r));
           const scalar_t* ar[2] = {a_rows + r * K, a_rows + (r + tj - 1) * K};
           dot_tile_any<scalar_t, acc_t>(tm, tj, xr, ar, K, dots, 2);
           for (int q = 0; q < tm; ++q)
-            for (int j = 0; j < tj; ++j) op.u_row(l.tokens[i + q], l.expert)[r + j] = l.gates[i + q] * dots[q * 2 + j];
+            for (int j = 0; j < tj; ++j) op.u_row(l.tokens[i + q], e)[r + j] = op.gate(l.seqs[i + q], e) * dots[q * 2 + j];
         }
-        for (int q = 0; q < tm; ++q)
-          for (int64_t r = std::max(it.r0, R); r < it.r1; ++r) op.u_row(l.tokens[i + q], l.expert)[r] = acc_t(0);
+        if (it.r1 == R)
+          for (int q = 0; q < tm; ++q)
+            for (int64_t r = R; r < Rpad; ++r) op.u_row(l.tokens[i + q], e)[r] = acc_t(0);
       }
     }
   });
