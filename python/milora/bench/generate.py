@@ -41,7 +41,7 @@ from .memory import peak_during, tensor_bytes
 from .models import PRESETS as MODEL_PRESETS
 from .models import build_model
 from .progress import Progress
-from .timing import time_interleaved
+from .timing import paired_ratio, time_interleaved
 
 METHODS = ("base", "lora", "peft", "peft_single", "moelora", "milora_ref", "milora")
 LABELS = {
@@ -438,8 +438,7 @@ def run(s: GenSettings, device, dtype: torch.dtype, *, progress: Optional[bool] 
                     bar.step()
                 bar.step(len(fns) * (warm - 1))
                 t = time_interleaved(fns, device, warmup=warm - 1, repeats=reps, on_step=bar.step)
-                base_ms = t["base"].median_ms if "base" in t else None
-                moe_ms = t["moelora"].median_ms if "moelora" in t else None
+                base, moe = t.get("base"), t.get("moelora")
                 for n, m in methods.items():
                     tm = t[n]
                     weights = tensor_bytes(m.model)
@@ -452,9 +451,9 @@ def run(s: GenSettings, device, dtype: torch.dtype, *, progress: Optional[bool] 
                         rank=m.rank, experts=m.experts, top_k=m.top_k,
                         median_ms=tm.median_ms, min_ms=tm.min_ms, max_ms=tm.max_ms, repeats=reps,
                         tokens_per_s=tokens / (tm.median_ms / 1e3),
-                        ratio_to_base=(tm.median_ms / base_ms) if base_ms else None,
-                        speed_vs_base=(base_ms / tm.median_ms) if base_ms else None,
-                        speed_vs_moelora=(moe_ms / tm.median_ms) if moe_ms else None,
+                        ratio_to_base=paired_ratio(tm, base) if base is not None else None,
+                        speed_vs_base=1 / paired_ratio(tm, base) if base is not None else None,
+                        speed_vs_moelora=1 / paired_ratio(tm, moe) if moe is not None else None,
                         floor_ratio=None,
                         peak_mb=(weights + peaks[n]) / 2**20, peak_delta_mb=peaks[n] / 2**20,
                         weights_mb=weights / 2**20, adapter_mb=max(weights - base_bytes, 0) / 2**20,

@@ -17,7 +17,7 @@ from milora_ext.workloads import adapter_mix, make_problem
 
 from .methods import LABELS, METHODS, build_methods, check_methods, reference_output
 from .progress import Progress
-from .timing import time_interleaved
+from .timing import paired_ratio, time_interleaved
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def run(sw: LayerSweep, device, *, l2_flush: bool = False, progress: Optional[bo
             bar.step(len(methods) * sw.warmup)
             t = time_interleaved({n: m.fn for n, m in methods.items()}, device, warmup=sw.warmup, repeats=reps,
                                  l2_flush=l2_flush, on_step=bar.step)
-            base_ms = t["base"].median_ms if "base" in t else None
+            base = t.get("base")
             for name, m in methods.items():
                 tm = t[name]
                 rec = dict(
@@ -135,7 +135,7 @@ def run(sw: LayerSweep, device, *, l2_flush: bool = False, progress: Optional[bo
                     adapters=c.adapters, adapters_used=len(set(p.adapter_ids.tolist()) - {-1}), mix=c.mix,
                     rank=c.rank, experts=c.experts, active_experts=c.active or c.experts,
                     median_ms=tm.median_ms, min_ms=tm.min_ms, max_ms=tm.max_ms, repeats=reps,
-                    ratio_to_base=(tm.median_ms / base_ms) if base_ms else None,
+                    ratio_to_base=paired_ratio(tm, base) if base is not None else None,
                     floor_ratio=m.floor_ratio if c.phase == "decode" else None,
                     checked=True,
                 )

@@ -108,6 +108,15 @@ def time_interleaved(
     }
 
 
+def paired_ratio(a: Timing, b: Timing) -> float:
+    """Median over rounds of a's time / b's time in the same round.
+
+    Both were timed in the same rounds of time_interleaved, so each round's ratio compares
+    calls made moments apart; its median shrugs off drift between rounds (other tenants of
+    the machine, clock changes) that the ratio of the two medians would absorb."""
+    return statistics.median(x / y for x, y in zip(a.samples, b.samples))
+
+
 def environment(device: torch.device, dtype: Optional[torch.dtype] = None) -> Dict[str, object]:
     """What the numbers were measured on: printed as a header and stored with results."""
     device = torch.device(device)
