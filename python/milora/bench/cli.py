@@ -135,7 +135,7 @@ def _layer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-repeats", type=_positive, help="timed repeats per prefill case")
     p.add_argument("--warmup", type=_non_negative)
     p.add_argument("--cache-flush", "--l2-flush", dest="l2_flush", action="store_true",
-                   help="rewrite a buffer twice the last-level cache (GPU L2, CPU L3) before every timed call")
+                   help="touch a buffer twice the last-level cache (GPU L2, CPU L3) before every timed call")
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:

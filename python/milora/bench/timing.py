@@ -41,12 +41,13 @@ def _cpu_last_level_cache_bytes() -> int:
 
 
 class _CacheFlusher:
-    """Rewrites a buffer twice the size of the last-level cache (the GPU's L2, the CPU's L3)
+    """Touches a buffer twice the size of the last-level cache (the GPU's L2, the CPU's L3)
     before each timed call, so every call starts with cold caches, as a layer's weights do in
     a model whose other layers ran in between."""
 
     def __init__(self, device: torch.device):
-        if device.type == "cuda":
+        self.cuda = device.type == "cuda"
+        if self.cuda:
             props = torch.cuda.get_device_properties(device)
             size = max(2 * getattr(props, "L2_cache_size", 64 << 20), 64 << 20)
         else:
@@ -54,7 +55,11 @@ class _CacheFlusher:
         self.buf = torch.zeros(size // 4, dtype=torch.float32, device=device)
 
     def __call__(self):
-        self.buf.add_(1.0)
+        if self.cuda:
+            self.buf.zero_()
+        else:
+            # Read, not write: dirty lines would be written back during the timed call.
+            self.buf.sum()
 
 
 def _timed_call(fn: Callable[[], object], device: torch.device, flush: Optional[_CacheFlusher]) -> float:
