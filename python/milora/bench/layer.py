@@ -156,28 +156,15 @@ def format_row(r: Dict) -> str:
             f"{r['median_ms']:.3f} | {r['min_ms']:.3f}-{r['max_ms']:.3f} | {ratio} | {floor} |")
 
 
+# command-line flag -> LayerSweep field it overrides
+_FLAG_FIELDS = {"shapes": "shapes", "phase": "phases", "seqs": "decode_seqs", "prefill": "prefill",
+                "adapters": "adapters", "mix": "mixes", "rank": "ranks", "experts": "experts", "dtype": "dtypes"}
+
+
 def sweep_from_args(args) -> LayerSweep:
     """The preset named by args.preset with every given flag overriding its dimension."""
     sw = PRESETS[args.preset]
-    over = {}
-    if args.shapes:
-        over["shapes"] = tuple(args.shapes)
-    if args.phase:
-        over["phases"] = tuple(args.phase)
-    if args.seqs:
-        over["decode_seqs"] = tuple(args.seqs)
-    if args.prefill:
-        over["prefill"] = tuple(args.prefill)
-    if args.adapters:
-        over["adapters"] = tuple(args.adapters)
-    if args.mix:
-        over["mixes"] = tuple(args.mix)
-    if args.rank:
-        over["ranks"] = tuple(args.rank)
-    if args.experts:
-        over["experts"] = tuple(args.experts)
-    if args.dtype:
-        over["dtypes"] = tuple(args.dtype)
+    over = {field: tuple(getattr(args, flag)) for flag, field in _FLAG_FIELDS.items() if getattr(args, flag)}
     if args.methods:
         m = list(args.methods)
         if "base" not in m:
