@@ -209,13 +209,14 @@ _BAD_INDEX_SCRIPT = textwrap.dedent(
 
 
 @cuda_only
-def test_garbage_indices_without_checks_do_not_crash():
+def test_garbage_indices_without_checks_do_not_crash(tmp_path):
     """With the host checks off (CUDA-graph mode) garbage offsets / ids must neither fault
     nor hang: the kernels sanitise them on the device. Runs in a subprocess, so a device
-    fault could not poison the CUDA context of the other tests."""
+    fault could not poison the CUDA context of the other tests; from tmp_path, so that the
+    child imports the same milora_ext as this process, not the source tree's."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     proc = subprocess.run(
-        [sys.executable, "-c", _BAD_INDEX_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _BAD_INDEX_SCRIPT], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0 and "BAD_INDICES_OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
 

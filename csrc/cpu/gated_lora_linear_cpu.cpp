@@ -32,7 +32,7 @@
 namespace milora::cpu {
 namespace {
 
-constexpr int64_t kPackedMinTokens = 16;  // an (adapter, expert) with this many tokens uses packed tiles
+constexpr int64_t kPackedMinTokens = 16;  // token lists (and adapters, in the expand) this long use packed tiles
 constexpr int64_t kPackedMinChunk = 48;   // tokens per packed shrink work item: at least...
 constexpr int64_t kPackedMaxChunk = 1024; // ...and at most
 constexpr int64_t kDotTokens = 16;        // tokens per dot shrink work item
