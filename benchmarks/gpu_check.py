@@ -143,16 +143,8 @@ def host_info(case):
 
 def with_env(fn, **env):
     def run():
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with cc.env_vars(**env):
             return fn()
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
     return run
 

@@ -12,16 +12,8 @@ import _cuda_cases as cc  # noqa: E402
 
 
 def run(case, **env):
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with cc.env_vars(**env):
         return milora_ext.gated_lora_linear(*cc.args(case))
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 for dtype in (torch.bfloat16, torch.float16, torch.float32):

@@ -14,6 +14,8 @@ moves y by O(1), far outside the tolerance.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -141,3 +143,20 @@ EDGE_CASES = [
     ("no_bias", dict(K=64, N=40, E=2, R=8, seq_lens=[3, 70], bias=False)),
     ("int32_indices", dict(K=64, N=40, E=2, R=8, seq_lens=[3, 70], index_dtype=torch.int32)),
 ]
+
+
+@contextlib.contextmanager
+def env_vars(**env: str):
+    """Set the CUDA path switches (MILORA_DECODE_MAX_TOKENS, MILORA_PDL, ...) for a block; the
+    launcher reads them at every call. The previous values come back afterwards."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
