@@ -6,9 +6,11 @@ milora_config.json:
      "adapter_kind": "prompt" | "token" | "static",
      "config": {...MiLoRAConfig fields...},
      "base_model": {"model_type": ..., "hidden_size": d, "num_hidden_layers": L},
-     "modules": {"layers.<i>.<module>": {"rank": r, "scaling": alpha / r}, ...}}
+     "modules": {"layers.<i>.<module>": {"rank": r, "scaling": alpha / r}, ...},
+     "weights_digest": "<hex>"}   (optional on read: files of older versions lack it)
 
-adapter_model.safetensors (E = config.experts_per_module, r = the module's rank):
+adapter_model.safetensors (E = config.experts_per_module, r = the module's rank), metadata
+{"format": "pt", "milora_format": "1", "milora_weights_digest": <the config's weights_digest>}:
     layers.<i>.<module>.lora_A            [E, r, in_features]     (model dtype)
     layers.<i>.<module>.lora_B            [E, out_features, r]
     layers.<i>.<module>.router            [E, in_features]        float32, token routing only
@@ -21,11 +23,22 @@ adapter_model.safetensors (E = config.experts_per_module, r = the module's rank)
 Loading reads and validates everything (JSON fields, the set of tensor names, every shape
 against the model, target modules present in the model, no name clash) before the model is
 touched: a missing, truncated or mismatched file raises and leaves the model unchanged.
+Parsing is strict (see `read_adapter_dir`): integers must be ints ("r": 4.9 and true are
+refused), layer indices canonical ("layers.00" is refused, so it cannot merge with
+"layers.0"), tensors float16/bfloat16/float32/float64 and finite. Errors are ValueError
+(FileNotFoundError for a missing file), naming the file and the field.
+
+Saving is atomic (`files.write_files_atomically`): both files are written to temporary names in
+the directory, then renamed, weights first. weights_digest, the SHA-256 of the tensors serialised
+as safetensors without metadata, is written into both files: a config left beside
+weights of another save (a crash between the two renames) is refused on load instead of loading
+silently wrong. A weights file re-written by other tools without the entry is not checked. A
+symlink planted at either name is replaced, never followed.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -34,7 +47,9 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .config import MODULE_INDEX, MODULE_NAMES, MiLoRAConfig
+from .config import (FLOAT32_MAX, MAX_RANK, MODULE_INDEX, MODULE_NAMES, MiLoRAConfig, is_finite, is_int,
+                     short_repr)
+from .files import parse_json, read_json_file, read_regular_file, write_files_atomically
 from .layer import ADAPTER_KINDS
 
 CONFIG_NAME = "milora_config.json"
@@ -42,7 +57,12 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "milora"
 FORMAT_VERSION = 1
 
-_MODULE_KEY = re.compile(r"^layers\.(\d+)\.(" + "|".join(MODULE_NAMES) + r")$")
+# canonical decimal layer index (no leading zeros, at most 9 digits): "layers.00" is not "layers.0"
+LAYER_INDEX = r"(0|[1-9][0-9]{0,8})"
+_MODULE_KEY = re.compile(r"^layers\." + LAYER_INDEX + r"\.(" + "|".join(MODULE_NAMES) + r")$")
+TENSOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BASE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers")
+DIGEST_KEY = "milora_weights_digest"
 
 
 @dataclass
@@ -124,26 +144,30 @@ def validate_spec(layers, model_config, spec: AdapterSpec, source: str) -> None:
             raise ValueError(f"{source}: module layers.{i}.{m}: layer index out of range (the model has {len(layers)} layers)")
         if get_target_linear(layers, i, m) is None:
             missing.append(module_path(i, m))
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"{source}: module layers.{i}.{m}: rank must be an integer >= 1, got {r!r}")
-        if not isinstance(s, (int, float)) or not math.isfinite(s):
-            raise ValueError(f"{source}: module layers.{i}.{m}: scaling must be a finite number, got {s!r}")
+        if not is_int(r) or not 1 <= r <= MAX_RANK:
+            raise ValueError(f"{source}: module layers.{i}.{m}: rank must be an integer in [1, {MAX_RANK}], got {short_repr(r)}")
+        if not is_finite(s) or not 0 < s < FLOAT32_MAX:
+            raise ValueError(f"{source}: module layers.{i}.{m}: scaling must be a finite number > 0 (that fits float32), "
+                             f"got {short_repr(s)}")
     if missing:
         raise ValueError(f"{source}: target modules not found in the model: {missing[:8]}")
     want = expected_shapes(layers, model_config, spec)
     have = spec.tensors
     unknown = sorted(set(have) - set(want))
     if unknown:
-        raise ValueError(f"{source}: unknown tensor name(s) {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+        raise ValueError(f"{source}: unknown tensor name(s) {[short_repr(k) for k in unknown[:8]]}{' ...' if len(unknown) > 8 else ''}")
     lacking = sorted(set(want) - set(have))
     if lacking:
         raise ValueError(f"{source}: missing tensor(s) {lacking[:8]}{' ...' if len(lacking) > 8 else ''}")
     for k, shape in want.items():
         t = have[k]
-        if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise ValueError(f"{source}: tensor {k} must be a floating-point tensor, got {getattr(t, 'dtype', type(t))}")
+        if not isinstance(t, Tensor) or t.dtype not in TENSOR_DTYPES:
+            raise ValueError(f"{source}: tensor {k} must be a float16/bfloat16/float32/float64 tensor, "
+                             f"got {getattr(t, 'dtype', type(t).__name__)}")
         if tuple(t.shape) != tuple(shape):
             raise ValueError(f"{source}: tensor {k} has shape {tuple(t.shape)}, expected {tuple(shape)} for this model")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{source}: tensor {k} holds NaN or Inf values")
 
 
 def install_spec(model, adapter_name: str, spec: AdapterSpec) -> None:
@@ -200,14 +224,23 @@ def adapter_tensors(model, adapter_name: str) -> Dict[str, Tensor]:
 
 
 def save_adapter(model, directory, adapter_name: Optional[str]) -> None:
-    """Write `adapter_name` of `model` to `directory` (created if needed)."""
-    from safetensors.torch import save_file
+    """Write `adapter_name` of `model` to `directory` (created if needed), atomically: see the
+    module docstring."""
+    from safetensors.torch import save as save_bytes
     if adapter_name is None:
         raise ValueError("save_pretrained: no active adapter; pass adapter_name")
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"save_pretrained: adapter_name must be a string, got {type(adapter_name).__name__}")
     if adapter_name not in model.adapters:
         raise ValueError(f"save_pretrained: unknown adapter {adapter_name!r}; loaded adapters: {list(model.adapters)}")
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"save_pretrained: save_directory must be a path, got {type(directory).__name__}")
+    directory = os.fspath(directory)
     info = model.adapters[adapter_name]
     tensors = adapter_tensors(model, adapter_name)
+    meta = {"format": "pt", "milora_format": str(FORMAT_VERSION)}
+    digest = hashlib.sha256(save_bytes(tensors)).hexdigest()  # no metadata: its order is not deterministic
+    weights = save_bytes(tensors, metadata={**meta, DIGEST_KEY: digest})
     cfg = getattr(model.base_model, "config", None)
     doc = {
         "format": FORMAT,
@@ -220,76 +253,116 @@ def save_adapter(model, directory, adapter_name: Optional[str]) -> None:
             "num_hidden_layers": model.num_layers,
         },
         "modules": {f"layers.{i}.{m}": {"rank": r, "scaling": s} for (i, m), (r, s) in sorted(info.modules.items())},
+        "weights_digest": digest,
     }
+    text = json.dumps(doc, indent=2) + "\n"
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"save_pretrained: {directory} exists and is not a directory")
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=2)
-        f.write("\n")
-    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt", "milora_format": str(FORMAT_VERSION)})
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        path = os.path.join(directory, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            raise ValueError(f"save_pretrained: {path} is a directory")
+    # weights first: the config, which names the weights' digest, commits the checkpoint
+    write_files_atomically(directory, [(WEIGHTS_NAME, weights), (CONFIG_NAME, text.encode("utf-8"))])
 
 
 def read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"MiLoRA: {path} is missing")
+    """A JSON object from a regular file, parsed strictly (see files.py)."""
+    return read_json_file(path)
+
+
+def read_safetensors(path: str, digest: Optional[str] = None) -> Dict[str, Tensor]:
+    """All tensors of a safetensors file (no pickle). digest: the weights_digest of the config;
+    the file must carry the same one in its metadata, or none."""
+    from safetensors.torch import load as load_bytes
+    data = read_regular_file(path, "weights file")
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            doc = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"MiLoRA: {path} is not valid JSON ({e})") from e
-    if not isinstance(doc, dict):
-        raise ValueError(f"MiLoRA: {path} must hold a JSON object")
-    return doc
+        tensors = load_bytes(data)
+    except Exception as e:  # SafetensorError, ...: truncated or corrupt file
+        raise ValueError(f"MiLoRA: {path} is not a readable safetensors file (truncated or corrupt?): {str(e)[:200]}") from None
+    if digest is not None:
+        header = parse_json(data[8: 8 + int.from_bytes(data[:8], "little")], path)  # validated by load_bytes
+        have = (header.get("__metadata__") or {}).get(DIGEST_KEY)
+        if have is not None and have != digest:
+            raise ValueError(f"MiLoRA: {path} comes from another save than {CONFIG_NAME} beside it (weights_digest "
+                             f"{short_repr(have)} != {digest!r}): an interrupted save? Save the adapter again")
+    return tensors
 
 
-def read_safetensors(path: str) -> Dict[str, Tensor]:
-    from safetensors.torch import load_file
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"MiLoRA: {path} is missing")
-    try:
-        return load_file(path, device="cpu")
-    except Exception as e:  # SafetensorError, OSError, ...: truncated or corrupt file
-        raise ValueError(f"MiLoRA: {path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
-
-
-def read_adapter_dir(directory) -> AdapterSpec:
-    """Read and check a saved MiLoRA adapter directory (nothing is validated against a model yet)."""
-    directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"MiLoRA: adapter directory {directory} does not exist")
-    cfg_path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.isfile(cfg_path) and os.path.isfile(os.path.join(directory, "adapter_config.json")):
-        raise FileNotFoundError(f"MiLoRA: {cfg_path} is missing; {directory} looks like a PEFT adapter: use load_peft_adapter")
-    doc = read_json(cfg_path)
-    if doc.get("format") != FORMAT:
-        raise ValueError(f"MiLoRA: {cfg_path}: 'format' must be {FORMAT!r}, got {doc.get('format')!r}")
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"MiLoRA: {cfg_path}: unsupported format_version {doc.get('format_version')!r} (this milora reads {FORMAT_VERSION})")
-    known = {"format", "format_version", "adapter_kind", "config", "base_model", "modules"}
-    unknown = sorted(set(doc) - known)
-    if unknown:
-        raise ValueError(f"MiLoRA: {cfg_path}: unknown field(s) {unknown}")
-    try:
-        config = MiLoRAConfig.from_dict(doc.get("config"))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"MiLoRA: {cfg_path}: bad config: {e}") from e
-    kind = doc.get("adapter_kind")
-    if kind not in ADAPTER_KINDS:
-        raise ValueError(f"MiLoRA: {cfg_path}: adapter_kind must be one of {list(ADAPTER_KINDS)}, got {kind!r}")
-    mods = doc.get("modules")
+def _read_modules(mods, cfg_path: str) -> Dict[Tuple[int, str], Tuple[int, float]]:
     if not isinstance(mods, dict) or not mods:
         raise ValueError(f"MiLoRA: {cfg_path}: 'modules' must be a non-empty object")
     modules: Dict[Tuple[int, str], Tuple[int, float]] = {}
     for k, v in mods.items():
         mt = _MODULE_KEY.match(k)
         if mt is None:
-            raise ValueError(f"MiLoRA: {cfg_path}: bad module key {k!r}; expected 'layers.<i>.<module>' with module in {list(MODULE_NAMES)}")
+            raise ValueError(f"MiLoRA: {cfg_path}: bad module key {short_repr(k)}; expected 'layers.<i>.<module>' with i a "
+                             f"decimal layer index without leading zeros and module in {list(MODULE_NAMES)}")
         if not isinstance(v, dict) or set(v) != {"rank", "scaling"}:
             raise ValueError(f"MiLoRA: {cfg_path}: module {k!r} must be an object with 'rank' and 'scaling'")
-        modules[(int(mt.group(1)), mt.group(2))] = (v["rank"], v["scaling"])
-    base = doc.get("base_model") or {}
+        r, s = v["rank"], v["scaling"]
+        if not is_int(r) or not 1 <= r <= MAX_RANK:
+            raise ValueError(f"MiLoRA: {cfg_path}: modules.{k}.rank must be an integer in [1, {MAX_RANK}], got {short_repr(r)}")
+        if not is_finite(s) or not 0 < s < FLOAT32_MAX:
+            raise ValueError(f"MiLoRA: {cfg_path}: modules.{k}.scaling must be a finite number > 0, got {short_repr(s)}")
+        modules[(int(mt.group(1)), mt.group(2))] = (r, float(s))
+    return modules
+
+
+def _read_base(base, cfg_path: str) -> Dict:
+    if base is None:
+        return {}
     if not isinstance(base, dict):
         raise ValueError(f"MiLoRA: {cfg_path}: 'base_model' must be an object")
-    tensors = read_safetensors(os.path.join(directory, WEIGHTS_NAME))
+    unknown = sorted(short_repr(k) for k in set(base) - set(BASE_FIELDS))
+    if unknown:
+        raise ValueError(f"MiLoRA: {cfg_path}: base_model: unknown field(s) {unknown[:8]}; known: {list(BASE_FIELDS)}")
+    if base.get("model_type") is not None and not isinstance(base["model_type"], str):
+        raise ValueError(f"MiLoRA: {cfg_path}: base_model.model_type must be a string, got {short_repr(base['model_type'])}")
+    for k in ("hidden_size", "num_hidden_layers"):
+        v = base.get(k)
+        if v is not None and (not is_int(v) or v < 1):
+            raise ValueError(f"MiLoRA: {cfg_path}: base_model.{k} must be a positive integer, got {short_repr(v)}")
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def read_adapter_dir(directory) -> AdapterSpec:
+    """Read and check a saved MiLoRA adapter directory (nothing is validated against a model yet).
+
+    Every field is checked for type and range before the weights are read; the weights must
+    carry the config's weights_digest when both have one."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"MiLoRA: the adapter directory must be a path, got {type(directory).__name__}")
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"MiLoRA: adapter directory {directory} does not exist")
+    cfg_path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.lexists(cfg_path) and os.path.isfile(os.path.join(directory, "adapter_config.json")):
+        raise FileNotFoundError(f"MiLoRA: {cfg_path} is missing; {directory} looks like a PEFT adapter: use load_peft_adapter")
+    doc = read_json(cfg_path)
+    if doc.get("format") != FORMAT:
+        raise ValueError(f"MiLoRA: {cfg_path}: 'format' must be {FORMAT!r}, got {short_repr(doc.get('format'))}")
+    version = doc.get("format_version")
+    if not is_int(version) or version != FORMAT_VERSION:
+        raise ValueError(f"MiLoRA: {cfg_path}: unsupported format_version {short_repr(version)} (this milora reads {FORMAT_VERSION})")
+    known = {"format", "format_version", "adapter_kind", "config", "base_model", "modules", "weights_digest"}
+    unknown = sorted(short_repr(k) for k in set(doc) - known)
+    if unknown:
+        raise ValueError(f"MiLoRA: {cfg_path}: unknown field(s) {unknown[:8]}")
+    try:
+        config = MiLoRAConfig.from_dict(doc.get("config"))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"MiLoRA: {cfg_path}: bad config: {e}") from None
+    kind = doc.get("adapter_kind")
+    if not isinstance(kind, str) or kind not in ADAPTER_KINDS:
+        raise ValueError(f"MiLoRA: {cfg_path}: adapter_kind must be one of {list(ADAPTER_KINDS)}, got {short_repr(kind)}")
+    modules = _read_modules(doc.get("modules"), cfg_path)
+    base = _read_base(doc.get("base_model"), cfg_path)
+    digest = doc.get("weights_digest")
+    if digest is not None and (not isinstance(digest, str) or re.fullmatch(r"[0-9a-f]{64}", digest) is None):
+        raise ValueError(f"MiLoRA: {cfg_path}: weights_digest must be 64 lowercase hex digits, got {short_repr(digest)}")
+    tensors = read_safetensors(os.path.join(directory, WEIGHTS_NAME), digest)
     return AdapterSpec(config, kind, modules, tensors, base)
 
 
