@@ -14,6 +14,8 @@ import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Tuple, Union
 
+from .files import parse_json, read_json_file
+
 MODULE_NAMES: Tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODULE_PARENTS: Dict[str, str] = {
     "q_proj": "self_attn",
@@ -212,7 +214,8 @@ class MiLoRAConfig:
 
     @classmethod
     def from_json_string(cls, text: str) -> "MiLoRAConfig":
-        return cls.from_dict(json.loads(text))
+        """Parse strictly (files.parse_json: no duplicate keys, bounded nesting)."""
+        return cls.from_dict(parse_json(text, "MiLoRAConfig JSON"))
 
     def to_json_file(self, path: Union[str, os.PathLike]) -> None:
         with open(path, "w", encoding="utf-8") as f:
@@ -220,5 +223,4 @@ class MiLoRAConfig:
 
     @classmethod
     def from_json_file(cls, path: Union[str, os.PathLike]) -> "MiLoRAConfig":
-        with open(path, "r", encoding="utf-8") as f:
-            return cls.from_json_string(f.read())
+        return cls.from_dict(read_json_file(os.fspath(path)))
