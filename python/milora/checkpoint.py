@@ -118,6 +118,7 @@ def expected_shapes(layers, model_config, spec: AdapterSpec) -> Dict[str, tuple]
 def validate_spec(layers, model_config, spec: AdapterSpec, source: str) -> None:
     """Raise ValueError unless `spec` fits the model exactly (see the module docstring)."""
     from .model import get_target_linear, module_path
+    source = f"MiLoRA: adapter {source}"
     if spec.kind not in ADAPTER_KINDS:
         raise ValueError(f"{source}: unknown adapter kind {spec.kind!r}; expected one of {list(ADAPTER_KINDS)}")
     if spec.kind in ("prompt", "token") and spec.kind != spec.config.routing:
