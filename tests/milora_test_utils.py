@@ -102,6 +102,23 @@ def count_router_calls(model):
     return counter, handles
 
 
+def generate_with_gates(model, **kw):
+    """model.generate(**kw) and the gates stored with its KV cache: ([B, ...] tokens,
+    gates[layer][module] = [B, E] tensor or None)."""
+    out = model.generate(return_dict_in_generate=True, **kw)
+    gates = milora.gates_of(out.cache)
+    assert gates is not None, "generate's KV cache carries no MiLoRA gates"
+    return out.sequences, [list(layer) for layer in gates.per_layer]
+
+
+def forward_gates(model, **kw):
+    """The gates a prompt forward computes (stored with its KV cache)."""
+    out = model(use_cache=True, **kw)
+    gates = milora.gates_of(out.cache)
+    assert gates is not None
+    return [list(layer) for layer in gates.per_layer]
+
+
 def snapshot_state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

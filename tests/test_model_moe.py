@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from milora import MiLoRAConfig
-from milora_test_utils import OpSpy, count_router_calls, milora_model
+from milora_test_utils import generate_with_gates, OpSpy, count_router_calls, milora_model
 
 
 def _ids(b, l, seed):
@@ -46,14 +46,14 @@ def test_token_routing_model_matches_standalone_layers():
     ids = _ids(2, 6, 1)
     out = model(input_ids=ids, labels=ids)
     assert torch.isfinite(out.aux_loss) and out.aux_loss > 0
-    st = model.routing_state
+    places = {key: (lin._routing_owner, lin.layer_idx, lin.module_idx) for key, lin in model.milora_linears().items()}
     for lin in model.milora_linears().values():
-        lin.routing_state = None
+        lin.set_routing(None, -1, -1)  # standalone layers
     try:
         plain = model.base_model(input_ids=ids).logits
     finally:
-        for lin in model.milora_linears().values():
-            lin.routing_state = st
+        for key, lin in model.milora_linears().items():
+            lin.set_routing(*places[key])
     torch.testing.assert_close(out.logits, plain, rtol=1e-5, atol=1e-5)
 
 
@@ -65,8 +65,8 @@ def test_prompt_routing_with_several_experts_per_module(monkeypatch, gate_mode):
     assert model.routers[0].weight.shape == (1, 7, E, 64)
     spy = OpSpy(monkeypatch)
     ids = _ids(3, 5, 2)
-    model.generate(input_ids=ids, max_new_tokens=2, do_sample=False)
-    for layer in model.routing_state.gates:
+    _, gates = generate_with_gates(model, input_ids=ids, max_new_tokens=2, do_sample=False)
+    for layer in gates:
         g = torch.stack([x for x in layer if x is not None], 1)  # [B, 7, E]
         on = g != 0
         assert (on.any(-1) == on.all(-1)).all()  # a selected module runs all its experts
@@ -91,7 +91,7 @@ def test_prompt_routing_with_several_experts_per_module(monkeypatch, gate_mode):
 def test_several_token_routed_tenants(monkeypatch, gather_limit):
     """Token-routed adapters with different expert counts, k and gate modes share a batch."""
     import milora.layer
-    from milora_test_utils import randomize_adapter
+    from milora_test_utils import generate_with_gates, randomize_adapter
     monkeypatch.setattr(milora.layer, "TOKEN_ROUTER_GATHER_LIMIT", gather_limit)
     model, _ = milora_model(seed=6, config=MiLoRAConfig(r=2, alpha=4, routing="token", experts_per_module=4, top_k=2),
                             adapter_name="t4")

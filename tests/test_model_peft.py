@@ -9,7 +9,7 @@ import torch
 peft = pytest.importorskip("peft", reason="peft is a test-only dependency")
 
 from milora import MiLoRAModel, get_milora_model, MiLoRAConfig  # noqa: E402
-from milora_test_utils import OpSpy, assert_state_equal, snapshot_state, tiny_model  # noqa: E402
+from milora_test_utils import OpSpy, assert_state_equal, forward_gates, snapshot_state, tiny_model  # noqa: E402
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEFT_CONFIGS = {
@@ -72,10 +72,10 @@ def test_single_adapter_matches_peft(peft_setup, name):
     assert (want - base).abs().max() > 1e-3  # B is non-zero: the adapter matters
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # every adapted module on with gate alpha / r (rank_pattern / alpha_pattern / rslora honoured)
-    model.generate(input_ids=ids[:1], max_new_tokens=1, do_sample=False)
+    gates = forward_gates(model, input_ids=ids[:1])
     kw = PEFT_CONFIGS[name]
     for (i, m), lin in model.milora_linears().items():
-        g = model.routing_state.gates[i][lin.module_idx]
+        g = gates[i][lin.module_idx]
         if (i, m) in info.modules:
             key = f"model.layers.{i}.{'self_attn' if m in ALL[:4] else 'mlp'}.{m}"
             r = next((v for k, v in kw.get("rank_pattern", {}).items() if key.endswith(k)), kw["r"])

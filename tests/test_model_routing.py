@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from milora import MiLoRAConfig
-from milora_test_utils import OpSpy, count_router_calls, milora_model, randomize_adapter
+from milora_test_utils import generate_with_gates, OpSpy, count_router_calls, milora_model, randomize_adapter
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +19,6 @@ def _ids(b, l, seed=0):
     return torch.randint(1, 128, (b, l), generator=torch.Generator().manual_seed(seed))
 
 
-def _gates(model):
-    return [[g.clone() if g is not None else None for g in layer] for layer in model.routing_state.gates]
-
-
 @pytest.mark.parametrize("mode", ["greedy", "sample", "beam"])
 def test_routers_run_only_at_prefill(two_adapter_model, monkeypatch, mode):
     model, _ = two_adapter_model
@@ -33,7 +29,8 @@ def test_routers_run_only_at_prefill(two_adapter_model, monkeypatch, mode):
               beam=dict(do_sample=False, num_beams=3))[mode]
     try:
         torch.manual_seed(0)
-        out = model.generate(input_ids=ids, adapter_names=["default", "b"], max_new_tokens=6, min_new_tokens=6, **kw)
+        out, gates = generate_with_gates(model, input_ids=ids, adapter_names=["default", "b"], max_new_tokens=6,
+                                         min_new_tokens=6, **kw)
     finally:
         for h in handles:
             h.remove()
@@ -50,7 +47,7 @@ def test_routers_run_only_at_prefill(two_adapter_model, monkeypatch, mode):
         assert all(o is objs[0] for o in objs)
     # rows expanded for beams / samples share their prompt's gates
     expand = {"greedy": 1, "sample": 2, "beam": 3}[mode]
-    for layer in model.routing_state.gates:
+    for layer in gates:
         for g in layer:
             if g is not None:
                 assert g.shape[0] == 2 * expand
@@ -77,10 +74,10 @@ def test_left_padding_is_excluded_from_pooling(two_adapter_model):
     am = torch.ones_like(ids)
     am[1, :3] = 0
     ids[1, :3] = 0
-    out = model.generate(input_ids=ids, attention_mask=am, adapter_names=["default", "default"], max_new_tokens=4, do_sample=False)
-    g_batch = _gates(model)
-    alone = model.generate(input_ids=ids[1:2, 3:], adapter_names=["default"], max_new_tokens=4, do_sample=False)
-    g_alone = _gates(model)
+    out, g_batch = generate_with_gates(model, input_ids=ids, attention_mask=am, adapter_names=["default", "default"],
+                                       max_new_tokens=4, do_sample=False)
+    alone, g_alone = generate_with_gates(model, input_ids=ids[1:2, 3:], adapter_names=["default"], max_new_tokens=4,
+                                         do_sample=False)
     assert torch.equal(alone[0], out[1, 3:])
     for lb, la in zip(g_batch, g_alone):
         for gb, ga in zip(lb, la):
@@ -95,12 +92,10 @@ def test_consecutive_generate_calls_reset_the_state(two_adapter_model):
     counter, handles = count_router_calls(model)
     try:
         a, b = _ids(2, 6, seed=10), _ids(2, 6, seed=11)
-        model.generate(input_ids=b, adapter_names=["b", "default"], max_new_tokens=3, do_sample=False)
-        want = _gates(model)
-        model.generate(input_ids=a, adapter_names=["default", "b"], max_new_tokens=3, do_sample=False)
-        first = _gates(model)
-        model.generate(input_ids=b, adapter_names=["b", "default"], max_new_tokens=3, do_sample=False)
-        second = _gates(model)
+        _, want = generate_with_gates(model, input_ids=b, adapter_names=["b", "default"], max_new_tokens=3, do_sample=False)
+        _, first = generate_with_gates(model, input_ids=a, adapter_names=["default", "b"], max_new_tokens=3, do_sample=False)
+        _, second = generate_with_gates(model, input_ids=b, adapter_names=["b", "default"], max_new_tokens=3,
+                                        do_sample=False)
     finally:
         for h in handles:
             h.remove()
@@ -117,8 +112,8 @@ def test_consecutive_generate_calls_reset_the_state(two_adapter_model):
 def test_gates_hold_scaling_and_top_k(two_adapter_model):
     model, _ = two_adapter_model
     ids = _ids(2, 6, seed=5)
-    model.generate(input_ids=ids, adapter_names=["default", "b"], max_new_tokens=1, do_sample=False)
-    for layer in model.routing_state.gates:
+    _, gates = generate_with_gates(model, input_ids=ids, adapter_names=["default", "b"], max_new_tokens=1, do_sample=False)
+    for layer in gates:
         g = torch.cat([x for x in layer if x is not None], 1)  # [B, 7]
         assert ((g != 0).sum(1) == torch.tensor([3, 2])).all()
         # default: soft gates renormalised over the top 3, times alpha / r = 2

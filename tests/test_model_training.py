@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from milora import MiLoRAConfig, get_milora_model
-from milora_test_utils import milora_model, randomize_adapter, tiny_model
+from milora_test_utils import forward_gates, generate_with_gates, milora_model, randomize_adapter, tiny_model
 
 
 def _batch(seed=0, B=4, L=10, prompt_len=6):
@@ -75,10 +75,9 @@ def test_training_routes_like_inference_on_the_prompt():
     prompt_mask) equal the gates generate computes from the prompt alone."""
     model, _ = milora_model(seed=2)
     ids, labels, pm = _batch(2)
-    model(input_ids=ids, labels=labels, prompt_mask=pm)
-    train_gates = [[g.clone() if g is not None else None for g in layer] for layer in model.routing_state.gates]
-    model.generate(input_ids=ids[:, :6], max_new_tokens=1, do_sample=False)
-    for lt, lg in zip(train_gates, model.routing_state.gates):
+    train_gates = forward_gates(model, input_ids=ids, labels=labels, prompt_mask=pm)
+    _, gen_gates = generate_with_gates(model, input_ids=ids[:, :6], max_new_tokens=1, do_sample=False)
+    for lt, lg in zip(train_gates, gen_gates):
         for a, b in zip(lt, lg):
             if a is not None:
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -111,9 +110,10 @@ def test_bfloat16_model():
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
     assert lin.lora_b.grad.dtype == torch.bfloat16 and lin.lora_b.grad.abs().sum() > 0
     model.eval()
-    gen = model.generate(input_ids=ids[:2, :6], adapter_names=["default", "base"], max_new_tokens=3, do_sample=False)
+    gen, gates = generate_with_gates(model, input_ids=ids[:2, :6], adapter_names=["default", "base"], max_new_tokens=3,
+                                     do_sample=False)
     assert gen.shape == (2, 9)
-    assert model.routing_state.gates[0][0].dtype == torch.float32
+    assert gates[0][0].dtype == torch.float32
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])

@@ -12,16 +12,19 @@ from .config import MODULE_NAMES, MiLoRAConfig
 from .layer import MiLoRALinear
 from .model import MiLoRAModel, get_milora_model
 from .router import PromptRouter, RationalActivation, pool_hidden, switch_load_balance_loss
-from .routing_state import RoutingState
+from .routing import BatchPlan, PromptGates, Request, gates_of
 
 __all__ = [
     "MODULE_NAMES",
     "MiLoRAConfig",
     "MiLoRALinear",
+    "BatchPlan",
     "MiLoRAModel",
+    "PromptGates",
+    "Request",
     "PromptRouter",
     "RationalActivation",
-    "RoutingState",
+    "gates_of",
     "get_milora_model",
     "pool_hidden",
     "switch_load_balance_loss",

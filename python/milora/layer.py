@@ -20,8 +20,9 @@ unchanged, but decoupled weight decay (AdamW's default 0.01) would shrink them t
 weight_decay=0 or with only the adapter being trained loaded.
 
 Forward modes:
-  * inside a MiLoRAModel forward (a `RoutingState` is attached and active): per-row adapters
-    and gates prepared once per forward / once per prompt by the model;
+  * inside a call of the MiLoRAModel that placed it (`set_routing`): the call's current
+    `BatchPlan` (milora.routing) gives seq_offsets, adapter_ids and this linear's gates, all
+    prepared by the model once per forward / once per prompt; the layer only reads them;
   * otherwise (standalone, or called outside the model's forward): plain LoRA of the active
     adapter on every token, gate = scaling (split evenly over E experts, gate scaling / E each),
     or, for a token-routed adapter, its per-token router.
@@ -44,6 +45,7 @@ from torch import Tensor
 from milora_ext import gated_lora_linear
 
 from .router import select_top_k, switch_load_balance_loss
+from .routing import current_call
 
 ADAPTER_KINDS = ("prompt", "token", "static")
 
@@ -155,8 +157,8 @@ class MiLoRALinear(nn.Module):
         self.lora_dropout = float(dropout)
         self.slots: List[SlotInfo] = []
         self.active_adapter: Optional[str] = None
-        # set by MiLoRAModel: the shared per-forward routing context and this linear's place
-        self.routing_state = None
+        # this linear's place in a MiLoRAModel (set once through set_routing)
+        self._routing_owner = None
         self.layer_idx = -1
         self.module_idx = -1
         self._cache: Dict = {}
@@ -165,6 +167,13 @@ class MiLoRALinear(nn.Module):
         out = super()._apply(fn, *args, **kwargs)
         self._cache = {}
         return out
+
+    def set_routing(self, owner: object, layer_idx: int, module_idx: int) -> None:
+        """Place this linear in a MiLoRAModel: during that model's calls it reads the gates of
+        (layer_idx, module_idx) from the call's BatchPlan. owner None: standalone again."""
+        self._routing_owner = owner
+        self.layer_idx = int(layer_idx)
+        self.module_idx = int(module_idx)
 
     # ---- introspection --------------------------------------------------------------------
 
@@ -421,33 +430,35 @@ class MiLoRALinear(nn.Module):
         return gates * self.scaling.index_select(0, token_slots).unsqueeze(-1), probs
 
     def forward(self, input: Tensor) -> Tensor:
-        st = self.routing_state
-        if st is not None and st.active:
-            return self._forward_routed(input, st)
+        ctx = current_call()
+        owner = self._routing_owner
+        if ctx is not None and owner is not None and ctx.owner is owner:
+            plan = ctx.plan
+            if plan is None:
+                raise RuntimeError(f"MiLoRALinear (layer {self.layer_idx}): called during a MiLoRAModel call but outside "
+                                   "its decoder stack's forward; there is no batch plan to read")
+            return self._forward_routed(input, plan, ctx)
         return self._forward_standalone(input)
 
-    def _forward_routed(self, x: Tensor, st) -> Tensor:
-        if not self.slots or st.all_base:
+    def _forward_routed(self, x: Tensor, plan, ctx) -> Tensor:
+        if not self.slots or plan.all_base:
             return F.linear(x, self.weight, self.bias)
-        row_gates = st.gates[self.layer_idx][self.module_idx]
-        if row_gates is None:
-            raise RuntimeError(
-                f"MiLoRALinear (layer {self.layer_idx}): no gates for this forward; a MiLoRA linear must run "
-                "inside its decoder layer during a MiLoRAModel forward")
-        if not st.token_routing:
-            return self._op(x, st.seq_offsets, st.adapter_ids, row_gates)
+        row_gates = plan.for_linear(self.layer_idx, self.module_idx)
+        tp = plan.token
+        if tp is None:
+            return self._op(x, plan.seq_offsets, plan.adapter_ids, row_gates)
         # per-token routing: one sequence per token
-        x2 = x.reshape(-1, self.in_features)
-        tok_slots = st.token_slots_clamped
         if self.router_weight is None:
-            gates = row_gates.repeat_interleave(st.seq_len, 0)
+            gates = row_gates.repeat_interleave(tp.seq_len, 0)
         else:
-            gates, probs = self.token_gates(x2, tok_slots, st.token_top_k, st.token_hard, st.token_k_max, st.token_single_slot)
-            if st.token_rows_mixed:
-                gates = torch.where(st.token_is_routed.unsqueeze(-1), gates, row_gates.repeat_interleave(st.seq_len, 0))
-            if st.collect_aux:
-                st.aux_losses.append(switch_load_balance_loss(probs, st.token_is_routed_aux, None))
-        return self._op(x, st.token_offsets, st.token_adapter_ids, gates)
+            st = tp.settings
+            gates, probs = self.token_gates(x.reshape(-1, self.in_features), tp.slots_clamped, st.top_k, st.hard,
+                                            st.k_max, st.single_slot)
+            if tp.rows_mixed:
+                gates = torch.where(tp.is_routed.unsqueeze(-1), gates, row_gates.repeat_interleave(tp.seq_len, 0))
+            if ctx.request.collect_aux:  # the per-token router's loss goes to the call, summed by the model
+                ctx.add_aux(switch_load_balance_loss(probs, tp.is_routed, None))
+        return self._op(x, tp.offsets, tp.adapter_ids, gates)
 
     def _forward_standalone(self, x: Tensor) -> Tensor:
         name = self.active_adapter

@@ -30,6 +30,7 @@ chunked prefill (the router sees the first chunk only), models whose layers are 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -40,9 +41,17 @@ from torch import Tensor
 from .config import MODULE_INDEX, MODULE_NAMES, MODULE_PARENTS, MiLoRAConfig
 from .layer import MiLoRALinear
 from .router import PromptRouter
-from .routing_state import RoutingRequest, RoutingState
+from .routing import (BatchPlan, CallContext, PromptGates, Request, SlotTables, TokenSettings, attach_gates,
+                      current_call, enter as enter_call, gates_of)
 
 BASE_NAMES = (None, "base")
+
+
+class RoutingKey:
+    """Identity of one MiLoRAModel's routing: its layers and its stored gates carry it, so a call
+    context or a cache of another model is never read."""
+
+    __slots__ = ()
 
 
 @dataclass
@@ -135,22 +144,25 @@ class MiLoRAModel(nn.Module):
         self.num_layers = len(layers)
         dev = next(model.parameters()).device
         self.routers = nn.ModuleList([PromptRouter(self.hidden_size, len(MODULE_NAMES), 1, 0, device=dev) for _ in layers])
-        self.state = RoutingState()
+        self._routing_key = RoutingKey()
         self.adapters: Dict[str, AdapterInfo] = {}
         self.active_adapter: Optional[str] = None
         self.trainable = True
         self._linears: Dict[Tuple[int, str], MiLoRALinear] = {}
         self._version = 0
-        self._tables = None
-        self._default_requests: Dict = {}
+        self._tables: Optional[SlotTables] = None
         self._layers_ref = [layers]  # a list so that nn.Module does not register it twice
         for i in range(self.num_layers):
             for m in config.target_modules:
                 self._wrap(i, m)
-        self._hooks = [
-            model.model.register_forward_pre_hook(self._on_stack_start, with_kwargs=True),
-            model.model.register_forward_hook(self._on_stack_end, always_call=True),
-        ]
+        self._direct_requests: Dict = {}
+        # Routing hooks. They act only inside a call of this model (the CallContext of the running
+        # thread / task says so), except that a direct call of the wrapped HF model's forward opens
+        # a one-forward call with the active adapter (so `model.base_model(...)` and HF utilities
+        # that call it behave like the MiLoRAModel).
+        stack = model.model
+        self._hooks = [stack.register_forward_pre_hook(self._on_stack_start, with_kwargs=True),
+                       stack.register_forward_hook(self._on_stack_end, always_call=True)]
         for i, layer in enumerate(layers):
             self._hooks.append(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
         if adapter_name is not None:
@@ -175,10 +187,6 @@ class MiLoRAModel(nn.Module):
     def layers(self) -> nn.ModuleList:
         return self._layers_ref[0]
 
-    @property
-    def routing_state(self) -> RoutingState:
-        return self.state
-
     def milora_linears(self) -> Dict[Tuple[int, str], MiLoRALinear]:
         """(layer index, module name) -> MiLoRALinear, for every adapted linear."""
         return dict(self._linears)
@@ -199,9 +207,7 @@ class MiLoRAModel(nn.Module):
         if self.active_adapter is not None:
             lin.set_adapter(self.active_adapter)
             lin.lora_dropout = self.adapters[self.active_adapter].config.dropout
-        lin.routing_state = self.state
-        lin.layer_idx = layer_idx
-        lin.module_idx = MODULE_INDEX[module]
+        lin.set_routing(self._routing_key, layer_idx, MODULE_INDEX[module])
         setattr(parent, module, lin)
         self._linears[key] = lin
         return lin
@@ -280,7 +286,6 @@ class MiLoRAModel(nn.Module):
         for lin in self._linears.values():
             lin.set_adapter(adapter_name)
             lin.lora_dropout = dropout
-        self._default_requests = {}
         self._apply_trainable()
 
     def set_trainable(self, trainable: bool = True) -> None:
@@ -311,16 +316,14 @@ class MiLoRAModel(nn.Module):
         return list(self.adapters)
 
     def _changed(self) -> None:
+        """The adapter set changed: slot tables are rebuilt, older requests / cached gates are refused."""
         self._version += 1
         self._tables = None
-        self._default_requests = {}
-        self.state.clear_gates()
-        self.state.request = None
 
-    def _get_tables(self):
-        """Per-slot tables (rebuilt after adapter changes): scale [L, P, 7], static expert
-        weights [P, E], slot is prompt / token [P]."""
-        if self._tables is None:
+    def _slot_tables(self) -> SlotTables:
+        """Per-slot tables of the current adapter set (rebuilt after adapter changes)."""
+        tables = self._tables
+        if tables is None:
             P = len(self.adapters)
             dev = self.routers[0].weight.device
             E = self.routers[0].num_experts
@@ -331,17 +334,22 @@ class MiLoRAModel(nn.Module):
             for p, info in enumerate(self.adapters.values()):
                 n = info.config.experts_per_module
                 static_w[p, :n] = 1.0 / n
-            kinds = [info.kind for info in self.adapters.values()]
-            is_prompt = torch.tensor([k == "prompt" for k in kinds], dtype=torch.bool, device=dev)
-            is_token = torch.tensor([k == "token" for k in kinds], dtype=torch.bool, device=dev)
-            layer_lin = [[self._linears.get((i, m)) for m in MODULE_NAMES] for i in range(self.num_layers)]
-            self._tables = (scale, static_w, is_prompt, is_token, layer_lin)
-        return self._tables
+            kinds = tuple(info.kind for info in self.adapters.values())
+            experts = tuple(tuple(self._linears[(i, m)].num_experts if (i, m) in self._linears else None
+                                  for m in MODULE_NAMES) for i in range(self.num_layers))
+            tables = SlotTables(
+                version=self._version, scale=scale, static_weights=static_w,
+                is_prompt=torch.tensor([k == "prompt" for k in kinds], dtype=torch.bool, device=dev),
+                is_token=torch.tensor([k == "token" for k in kinds], dtype=torch.bool, device=dev),
+                kinds=kinds, experts=experts)
+            self._tables = tables
+        return tables
 
     # ---- requests -------------------------------------------------------------------------
 
     def _make_request(self, adapter_names, batch_size: int, device, mask: Optional[Tensor], collect_aux: bool,
-                      sticky: bool = False) -> RoutingRequest:
+                      route_once: bool = False) -> Request:
+        """The Request of one call: each row's slot from adapter_names (default: the active adapter)."""
         if adapter_names is None:
             names = [self.active_adapter] * batch_size
         else:
@@ -355,40 +363,54 @@ class MiLoRAModel(nn.Module):
         for n in names:
             if n in BASE_NAMES or n == "__base__":
                 slots.append(-1)
-            elif n in order:
+            elif isinstance(n, str) and n in order:
                 slots.append(order[n])
             else:
                 raise ValueError(f"MiLoRA: unknown adapter {n!r} in adapter_names; loaded adapters: {list(self.adapters)} (None or 'base' = base model)")
         infos = list(self.adapters.values())
         present = sorted({s for s in slots if s >= 0})
-        kinds = frozenset(infos[s].kind for s in present)
-        prompt_slots = [s for s in present if infos[s].kind == "prompt"]
-        tok = [infos[s].config for s in present if infos[s].kind == "token"]
-        if tok:
+        tok_slots = [s for s in present if infos[s].kind == "token"]
+        token = None
+        if tok_slots:
+            tok = [infos[s].config for s in tok_slots]
             ks = {c.top_k for c in tok}
             modes = {c.gate_mode for c in tok}
-            k_max = max(min(c.top_k, c.experts_per_module) for c in tok)
-            tok_slots = [s for s in present if infos[s].kind == "token"]
-            token_settings = (ks.pop() if len(ks) == 1 else None, (modes.pop() == "hard") if len(modes) == 1 else None,
-                              k_max, tok_slots[0] if len(tok_slots) == 1 else None)
-        else:
-            token_settings = (None, None, None, None)
-        return RoutingRequest(slots, device, kinds, prompt_slots, token_settings, mask, collect_aux, self._version, sticky)
+            token = TokenSettings(top_k=ks.pop() if len(ks) == 1 else None,
+                                  hard=(modes.pop() == "hard") if len(modes) == 1 else None,
+                                  k_max=max(min(c.top_k, c.experts_per_module) for c in tok),
+                                  single_slot=tok_slots[0] if len(tok_slots) == 1 else None)
+        return Request(slots, device, self._slot_tables(), prompt_mask=mask, collect_aux=collect_aux, token=token,
+                       route_once=route_once)
 
-    def _default_request(self, batch_size: int, device) -> RoutingRequest:
-        key = (batch_size, device)
-        req = self._default_requests.get(key)
-        if req is None or req.version != self._version:
-            if len(self._default_requests) > 16:
-                self._default_requests = {}
-            req = self._make_request(None, batch_size, device, None, collect_aux=False)
-            self._default_requests[key] = req
+    @contextmanager
+    def routing(self, request: Request):
+        """Scope of one call: `request` is the current call of this thread / task inside the block.
+        Yields the CallContext (its `aux` holds the routers' load-balancing losses afterwards)."""
+        if request.version != self._version:
+            raise RuntimeError("MiLoRA: this request was built for another set of adapters; build it again")
+        ctx = CallContext(self._routing_key, request)
+        with enter_call(ctx):
+            yield ctx
+
+    def _direct_request(self, B: int, device) -> Request:
+        """The request of a direct call of the wrapped HF model (no MiLoRAModel call around it):
+        the active adapter on every row. Cached per (B, device) and adapter set."""
+        key = (B, device, self._version, self.active_adapter)
+        req = self._direct_requests.get(key)
+        if req is None:
+            if len(self._direct_requests) > 16:
+                self._direct_requests = {}
+            req = self._direct_requests[key] = self._make_request(None, B, device, None, collect_aux=False)
         return req
 
-    # ---- hooks ----------------------------------------------------------------------------
+    # ---- per forward: the batch plan --------------------------------------------------------
+
+    def _own_call(self) -> Optional[CallContext]:
+        ctx = current_call()
+        return ctx if ctx is not None and ctx.owner is self._routing_key else None
 
     def _on_stack_start(self, module, args, kwargs):
-        st = self.state
+        """Start of a decoder-stack forward inside a call: build its BatchPlan."""
         x = kwargs.get("input_ids")
         if x is None and args:
             x = args[0]
@@ -397,97 +419,115 @@ class MiLoRAModel(nn.Module):
         if x is None:
             return None
         B, L = int(x.shape[0]), int(x.shape[1])
-        dev = x.device
+        ctx = self._own_call()
+        if ctx is None:  # a direct call of the wrapped model: a call scope for this forward only
+            ctx = CallContext(self._routing_key, self._direct_request(B, x.device))
+            ctx.scope = enter_call(ctx)
+            ctx.scope.__enter__()
         cache = kwargs.get("cache")
         if cache is None:
             cache = kwargs.get("past_key_values")
-        past = _cache_length(cache)
-        req = st.request
-        if req is None or req.version != self._version:
-            req = self._default_request(B, dev)
-        tables = self._get_tables()
-        rows = req.rows(B, tables[2], tables[3])
-        st.current = req
-        st.rows = rows
-        st.batch_size, st.seq_len = B, L
-        st.all_base = req.all_base
-        st.adapter_ids = rows.slots
-        st.seq_offsets = st.offsets(B, L, dev)
-        st.collect_aux = req.collect_aux
-        key = (req.slot_list, B, self._version)
-        # generate() requests are sticky: one routing per call, even without a KV cache
-        st.route_now = not st.gates or st.gates_key != key or (past == 0 and not req.sticky)
-        if st.route_now:
-            mask = rows.mask
-            if mask is None:
-                am = kwargs.get("attention_mask")
-                if isinstance(am, Tensor) and am.dim() == 2 and am.shape[0] == B:
-                    mask = am
-            if mask is not None:
-                if mask.shape[0] != B or mask.shape[1] < L:
-                    raise ValueError(f"MiLoRA: prompt mask of shape {tuple(mask.shape)} does not cover the batch {(B, L)}")
-                mask = mask[:, mask.shape[1] - L:].to(torch.bool)
-            st.pool_mask = mask
-            st.gates = [[None] * len(MODULE_NAMES) for _ in range(self.num_layers)]
-            st.gates_key = key
-        st.token_routing = "token" in req.kinds
-        if st.token_routing:
-            cached = req._token.get((B, L))
-            if cached is None:
-                T = B * L
-                tok_slots = rows.slots.repeat_interleave(L)
-                is_routed = rows.is_token.repeat_interleave(L)
-                cached = (st.offsets(T, 1, dev), tok_slots, tok_slots.clamp_min(0), is_routed)
-                req._token[(B, L)] = cached
-            st.token_offsets, st.token_adapter_ids, st.token_slots_clamped, st.token_is_routed = cached
-            st.token_is_routed_aux = st.token_is_routed
-            st.token_rows_mixed = len(req.kinds) > 1
-            st.token_top_k, st.token_hard, st.token_k_max = req.token_top_k, req.token_hard, req.token_k_max
-            st.token_single_slot = req.token_single_slot
-        st.active = True
+        ctx.plan = self._plan(ctx, B, L, cache, kwargs.get("attention_mask"))
         return None
 
+    def _plan(self, ctx: CallContext, B: int, L: int, cache, attention_mask) -> BatchPlan:
+        req = ctx.request
+        rows = req.rows(B)
+        offs = req.offsets(B, L)
+        token = req.token_plan(B, L)
+        if _cache_length(cache) > 0:  # a continuation: the gates of the cache's own prompt
+            gates = self._cached_gates(cache, rows)
+            return BatchPlan(offs, rows.slots, req.all_base, gates, False, rows, None, token)
+        if req.route_once and ctx.call_gates is not None:  # generate(use_cache=False): routed at step 1
+            if ctx.call_gates.slots != rows.key:
+                raise RuntimeError(f"MiLoRA: the batch changed from {ctx.call_gates.batch_size} to {B} rows during one "
+                                   "generate call without a KV cache")
+            return BatchPlan(offs, rows.slots, req.all_base, ctx.call_gates, False, rows, None, token)
+        mask = rows.mask
+        if mask is None and isinstance(attention_mask, Tensor) and attention_mask.dim() == 2 \
+                and attention_mask.shape[0] == B:
+            mask = attention_mask
+        if mask is not None:
+            if mask.shape[0] != B or mask.shape[1] < L:
+                raise ValueError(f"MiLoRA: prompt mask of shape {tuple(mask.shape)} does not cover the batch {(B, L)}")
+            mask = mask[:, mask.shape[1] - L:].to(torch.bool)
+        gates = PromptGates(self._routing_key, req.version, rows.key, self.num_layers, len(MODULE_NAMES), L)
+        if cache is not None:
+            attach_gates(cache, gates)
+        if req.route_once:
+            ctx.call_gates = gates
+        return BatchPlan(offs, rows.slots, req.all_base, gates, not req.all_base, rows, mask, token)
+
+    def _cached_gates(self, cache, rows) -> PromptGates:
+        """The gates stored with a non-empty KV cache, checked against this forward's rows."""
+        gates = gates_of(cache)
+        if gates is None:
+            raise ValueError(
+                "MiLoRA: this forward continues a KV cache that holds no MiLoRA routing (it was not filled by a "
+                "MiLoRAModel forward / generate of this model), so the prompt's gates are unknown. Run the whole "
+                "prompt through the model without a cache, or call generate(..., cache=prefix_cache) with the full "
+                "input_ids: it routes from prefix + suffix")
+        if gates.owner is not self._routing_key:
+            raise ValueError("MiLoRA: this KV cache was routed by another MiLoRAModel")
+        if gates.version != self._version:
+            raise ValueError("MiLoRA: adapters were added or removed since this KV cache was routed; its gates "
+                             "refer to the old adapter slots. Run the prompt again")
+        if gates.slots != rows.key:
+            names = list(self.adapters)
+            show = lambda slots: [names[s] if s >= 0 else "base" for s in slots]  # noqa: E731
+            raise ValueError(f"MiLoRA: this KV cache was routed for rows with adapters {show(gates.slots)}, but this "
+                             f"forward asks for {show(rows.key)}; a cache continues only with its own adapters")
+        return gates
+
     def _on_stack_end(self, module, args, output):
-        self.state.active = False
-        self.state.route_now = False
+        ctx = self._own_call()
+        if ctx is None:
+            return None
+        plan, ctx.plan = ctx.plan, None
+        if ctx.scope is not None:  # the one-forward scope of a direct call ends here
+            ctx.scope.__exit__(None, None, None)
+            ctx.scope = None
+        if plan is not None and plan.routes:
+            cache = getattr(output, "cache", None)
+            if cache is None and isinstance(output, dict):
+                cache = output.get("past_key_values")
+            if cache is not None and gates_of(cache) is not plan.gates:  # a cache the stack created itself
+                attach_gates(cache, plan.gates)
         return None
 
     def _make_layer_hook(self, layer_idx: int):
         def hook(module, args, kwargs):
-            st = self.state
-            if st.route_now and st.active:
+            ctx = self._own_call()
+            if ctx is not None and ctx.plan is not None and ctx.plan.routes:
                 hidden = args[0] if args else kwargs["hidden_states"]
-                self._route_layer(layer_idx, hidden)
+                self._route_layer(layer_idx, hidden, ctx.plan, ctx)
             return None
         return hook
 
-    def _route_layer(self, i: int, hidden: Tensor) -> None:
-        """Prefill: compute and store the gates of every adapted linear of layer i."""
-        st = self.state
-        if st.all_base:
-            return
-        scale_all, static_w, _, _, layer_lin = self._get_tables()
-        rows = st.rows
+    def _route_layer(self, i: int, hidden: Tensor, plan: BatchPlan, ctx: CallContext) -> None:
+        """A prompt forward: run layer i's router and store the gates of its adapted linears in the
+        plan's PromptGates (the only writer of gates)."""
+        req = ctx.request
+        tables = req.tables
+        rows = plan.rows
         B = rows.slots.shape[0]
-        scale = scale_all[i].index_select(0, rows.slots_clamped) * rows.valid.unsqueeze(-1)  # [B, 7]
-        req = st.current
+        scale = tables.scale[i].index_select(0, rows.slots_clamped) * rows.valid.unsqueeze(-1)  # [B, 7]
         kinds = req.kinds
-        static = static_w.index_select(0, rows.slots_clamped).unsqueeze(1)  # [B, 1, E]
+        static = tables.static_weights.index_select(0, rows.slots_clamped).unsqueeze(1)  # [B, 1, E]
         if "prompt" in kinds:
-            out = self.routers[i](hidden, mask=st.pool_mask, slots=rows.slots_clamped, module_mask=scale > 0,
+            out = self.routers[i](hidden, mask=plan.pool_mask, slots=rows.slots_clamped, module_mask=scale > 0,
                                   aux_rows=rows.is_prompt, slots_present=req.prompt_slots)
             w = out.gates
-            if st.collect_aux:
-                st.aux_losses.append(out.aux_loss)
+            ctx.add_aux(out.aux_loss)
             if len(kinds) > 1:
                 w = torch.where(rows.is_prompt.view(B, 1, 1), w, static)
         else:
             w = static
         gates = w * scale.unsqueeze(-1)  # [B, 7, E]
-        row = st.gates[i]
-        for m, lin in enumerate(layer_lin[i]):
-            if lin is not None:
-                row[m] = gates[:, m, : lin.num_experts].contiguous()
+        row = plan.gates.per_layer[i]
+        for m, E in enumerate(tables.experts[i]):
+            if E is not None:
+                row[m] = gates[:, m, :E].contiguous()
 
     # ---- forward / generate ---------------------------------------------------------------
 
@@ -502,9 +542,9 @@ class MiLoRAModel(nn.Module):
         mods = [getattr(self.base_model, "model", None)] + list(self.layers)
         return any(getattr(m, "gradient_checkpointing", False) is True for m in mods)
 
-    def _lb_coef(self, req: RoutingRequest) -> float:
+    def _lb_coef(self, req: Request) -> float:
         infos = list(self.adapters.values())
-        coefs = [infos[s].config.load_balance_coef for s in set(req.slot_list) if s >= 0]
+        coefs = [infos[s].config.load_balance_coef for s in set(req.slots) if s >= 0]
         return max(coefs) if coefs else 0.0
 
     def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None, *,
@@ -517,7 +557,11 @@ class MiLoRAModel(nn.Module):
         With labels, loss = LM loss + load_balance_coef * aux_loss (the largest coef among the
         batch's adapters). The output also carries `aux_loss`: the mean over routers (layer
         routers, or per-linear routers for token routing) of their Switch losses (0 if none).
-        A forward that continues a non-empty KV cache reuses the stored gates.
+
+        Without a cache (or with an empty one) this forward routes from its own tokens and, with
+        use_cache, stores the gates with the returned cache. A forward that continues a non-empty
+        cache uses the gates stored with that cache (the same adapter_names are required); a cache
+        without MiLoRA gates is refused.
         """
         B, L, dev = self._batch_shape(input_ids, kwargs)
         if torch.is_grad_enabled() and self.training and self._checkpointing():
@@ -528,20 +572,10 @@ class MiLoRAModel(nn.Module):
                 raise ValueError(f"MiLoRA: prompt_mask must have shape {(B, L)} (like input_ids), got "
                                  f"{tuple(prompt_mask.shape) if isinstance(prompt_mask, Tensor) else type(prompt_mask).__name__}")
         req = self._make_request(adapter_names, B, dev, prompt_mask, collect_aux=True)
-        st = self.state
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
-        if _cache_length(cache) == 0:
-            st.clear_gates()
-        st.request = req
-        st.aux_losses = []
-        try:
+        with self.routing(req) as ctx:
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        finally:
-            aux_list = st.aux_losses
-            st.aux_losses = []
-            st.request = None
-        if aux_list:
-            aux = torch.stack([a.float() for a in aux_list]).mean()
+        if ctx.aux:
+            aux = torch.stack([a.float() for a in ctx.aux]).mean()
         else:
             aux = torch.zeros((), dtype=torch.float32, device=dev)
         has_labels = kwargs.get("labels") is not None
@@ -557,10 +591,14 @@ class MiLoRAModel(nn.Module):
     def generate(self, *args, adapter_names: Optional[Sequence[Optional[str]]] = None,
                  prompt_mask: Optional[Tensor] = None, **kwargs):
         """HF generate with MiLoRA: each row uses adapter_names[row] (None / "base" = base model;
-        default the active adapter). The routers run once, during prefill, pooled over the prompt
-        (prompt_mask, default the attention_mask: left padding is excluded); every decode step
-        reuses the gates. Rows expanded by HF (beams, num_return_sequences) inherit their
-        prompt's adapter and gates. Routing state is reset at the start of every call."""
+        default the active adapter). The routers run once per call, on the prompt (pooled over
+        prompt_mask, default the attention_mask: left padding is excluded); every decode step
+        reuses the gates, which live with the call's KV cache. Rows expanded by HF (beams,
+        num_return_sequences) inherit their prompt's adapter and gates.
+
+        Continuing from a prefix KV cache (`cache=` / `past_key_values=` holding the first tokens
+        of input_ids): the gates are computed from the whole prompt (prefix + suffix) by one extra
+        forward over input_ids without the cache, then stored with the cache."""
         ref = kwargs.get("input_ids", args[0] if args else None)
         if ref is None:
             ref = kwargs.get("inputs_embeds")
@@ -576,14 +614,25 @@ class MiLoRAModel(nn.Module):
             am = kwargs.get("attention_mask")
             if isinstance(am, Tensor) and am.dim() == 2 and tuple(am.shape) == (B, L):
                 mask = am
-        req = self._make_request(adapter_names, B, dev, mask, collect_aux=False, sticky=True)
-        st = self.state
-        st.clear_gates()
-        st.request = req
-        try:
+        req = self._make_request(adapter_names, B, dev, mask, collect_aux=False, route_once=True)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if _cache_length(cache) > 0:
+            self._route_whole_prompt(req, ref, kwargs, cache)
+        with self.routing(req):
             return self.base_model.generate(*args, **kwargs)
-        finally:
-            st.request = None
+
+    def _route_whole_prompt(self, req: Request, prompt: Tensor, kwargs, cache) -> None:
+        """generate() from a prefix cache: route from the whole prompt (one forward without the
+        cache, logits of the last token only) and store those gates with the cache."""
+        if req.all_base:
+            attach_gates(cache, PromptGates(self._routing_key, req.version, req.slots, self.num_layers,
+                                            len(MODULE_NAMES), int(prompt.shape[1])))
+            return
+        key = "input_ids" if prompt.dtype in (torch.long, torch.int32, torch.int64) else "inputs_embeds"
+        with torch.no_grad(), self.routing(req) as ctx:
+            self.base_model(**{key: prompt}, attention_mask=kwargs.get("attention_mask"), use_cache=False,
+                            logits_to_keep=1)
+        attach_gates(cache, ctx.call_gates)
 
     # ---- save / load ----------------------------------------------------------------------
 
