@@ -1,8 +1,10 @@
 """Behaviour 1: routing runs once per prompt, during prefill; gates are reused while decoding."""
+import threading
+
 import pytest
 import torch
 
-from milora import MiLoRAConfig
+from milora import MiLoRAConfig, gates_of
 from milora_test_utils import generate_with_gates, OpSpy, count_router_calls, milora_model, randomize_adapter
 
 
@@ -153,3 +155,122 @@ def test_generate_without_kv_cache_routes_once(two_adapter_model):
             h.remove()
     assert counter["n"] == model.num_layers  # routed from the prompt only, not from generated tokens
     assert torch.equal(no_cache, with_cache)
+
+
+# ---- gates belong to the request and its KV cache ------------------------------------------------
+
+
+def _greedy_step(model, out, names):
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    return nxt, model(input_ids=nxt, cache=out.cache, use_cache=True, adapter_names=names)
+
+
+def test_interleaved_manual_decoding_uses_each_caches_own_gates(two_adapter_model):
+    """Prefill A, prefill B, decode A with A's cache: exactly A decoded alone."""
+    model, _ = two_adapter_model
+    ids_a, ids_b = _ids(2, 6, seed=20), _ids(3, 4, seed=21)
+    names_a, names_b = ["default", "b"], ["b", "b", "default"]
+    with torch.no_grad():
+        a = model(input_ids=ids_a, use_cache=True, adapter_names=names_a)
+        b = model(input_ids=ids_b, use_cache=True, adapter_names=names_b)
+        nxt_a, step_a = _greedy_step(model, a, names_a)
+        nxt_b, step_b = _greedy_step(model, b, names_b)
+        a2 = model(input_ids=torch.cat([ids_a, nxt_a], 1), cache=step_a.cache, use_cache=True, adapter_names=names_a)
+        # A alone, then B alone
+        ref_a = model(input_ids=ids_a, use_cache=True, adapter_names=names_a)
+        _, ref_step_a = _greedy_step(model, ref_a, names_a)
+        ref_b = model(input_ids=ids_b, use_cache=True, adapter_names=names_b)
+        _, ref_step_b = _greedy_step(model, ref_b, names_b)
+    assert torch.equal(step_a.logits, ref_step_a.logits)
+    assert torch.equal(step_b.logits, ref_step_b.logits)
+    assert a2.logits.shape[1] == 7  # a multi-token continuation reads the same cache's gates
+    # the gates stored with A's cache are A's, computed from A's prompt
+    ga, gb = gates_of(step_a.cache), gates_of(step_b.cache)
+    assert ga is not gb and ga.batch_size == 2 and gb.batch_size == 3
+    assert torch.equal(ga.per_layer[0][0], gates_of(ref_a.cache).per_layer[0][0])
+
+
+def test_continuation_of_a_cache_without_gates_is_refused(two_adapter_model):
+    model, ref = two_adapter_model
+    ids = _ids(2, 5, seed=22)
+    with torch.no_grad():
+        plain = ref(input_ids=ids, use_cache=True)  # an HF model that is not wrapped: no MiLoRA gates
+        with pytest.raises(ValueError, match="holds no MiLoRA routing"):
+            model(input_ids=ids[:, :1], cache=plain.cache, use_cache=True)
+
+
+def test_continuation_with_other_adapters_is_refused(two_adapter_model):
+    model, _ = two_adapter_model
+    ids = _ids(2, 5, seed=23)
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True, adapter_names=["default", "b"])
+        with pytest.raises(ValueError, match=r"routed for rows with adapters \['default', 'b'\]"):
+            model(input_ids=ids[:, :1], cache=out.cache, use_cache=True, adapter_names=["b", "b"])
+
+
+def test_continuation_after_adapter_change_is_refused():
+    model, _ = milora_model(seed=3)
+    ids = _ids(1, 5, seed=24)
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        model.add_adapter("late", MiLoRAConfig(r=2, alpha=4))
+        with pytest.raises(ValueError, match="adapters were added or removed"):
+            model(input_ids=ids[:, :1], cache=out.cache, use_cache=True)
+
+
+@pytest.mark.parametrize("names", [["default", "b"], ["base", "b"]])
+def test_generate_from_a_prefix_cache_routes_from_the_whole_prompt(two_adapter_model, names):
+    model, _ = two_adapter_model
+    ids = _ids(2, 9, seed=25)
+    kw = dict(max_new_tokens=4, do_sample=False, adapter_names=names)
+    want, want_gates = generate_with_gates(model, input_ids=ids, **kw)
+    with torch.no_grad():
+        prefix = model(input_ids=ids[:, :5], use_cache=True, adapter_names=names).cache  # routed from 5 tokens
+    got, got_gates = generate_with_gates(model, input_ids=ids, cache=prefix, **kw)
+    assert torch.equal(got, want)
+    for lw, lg in zip(want_gates, got_gates):
+        for gw, gg in zip(lw, lg):
+            if gw is not None:
+                torch.testing.assert_close(gg, gw, rtol=1e-5, atol=1e-6)
+
+
+def test_direct_calls_of_the_wrapped_model_route_per_call(two_adapter_model):
+    """HF code that calls the wrapped model itself (its generate, pipelines) gets the active
+    adapter, routed from each prompt, with the gates kept on its own cache."""
+    model, _ = two_adapter_model
+    ids = _ids(2, 6, seed=26)
+    kw = dict(max_new_tokens=4, do_sample=False)
+    assert torch.equal(model.base_model.generate(input_ids=ids, **kw), model.generate(input_ids=ids, **kw))
+
+
+def test_threads_generate_like_sequential_calls(two_adapter_model):
+    """4 threads x 3 generate calls on one model give exactly the tokens of sequential calls."""
+    model, _ = two_adapter_model
+    jobs = []
+    for t in range(4):
+        for c in range(3):
+            B, L = 1 + (t + c) % 3, 4 + (3 * t + c) % 5
+            names = [["default", "b", "base"][(t + c + r) % 3] for r in range(B)]
+            jobs.append((t, _ids(B, L, seed=100 + 10 * t + c), names))
+    kw = dict(max_new_tokens=5, do_sample=False)
+    want = {i: model.generate(input_ids=ids, adapter_names=names, **kw) for i, (_, ids, names) in enumerate(jobs)}
+    got, errors = {}, []
+    barrier = threading.Barrier(4)
+
+    def worker(t):
+        try:
+            barrier.wait()
+            for i, (tt, ids, names) in enumerate(jobs):
+                if tt == t:
+                    got[i] = model.generate(input_ids=ids, adapter_names=names, **kw)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    for i in want:
+        assert torch.equal(got[i], want[i]), i

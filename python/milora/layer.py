@@ -431,8 +431,7 @@ class MiLoRALinear(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         ctx = current_call()
-        owner = self._routing_owner
-        if ctx is not None and owner is not None and ctx.owner is owner:
+        if ctx is not None and ctx.owner is self._routing_owner:  # a call of the model that placed this linear
             plan = ctx.plan
             if plan is None:
                 raise RuntimeError(f"MiLoRALinear (layer {self.layer_idx}): called during a MiLoRAModel call but outside "
@@ -443,7 +442,9 @@ class MiLoRALinear(nn.Module):
     def _forward_routed(self, x: Tensor, plan, ctx) -> Tensor:
         if not self.slots or plan.all_base:
             return F.linear(x, self.weight, self.bias)
-        row_gates = plan.for_linear(self.layer_idx, self.module_idx)
+        row_gates = plan.gates.per_layer[self.layer_idx][self.module_idx]
+        if row_gates is None:
+            row_gates = plan.for_linear(self.layer_idx, self.module_idx)  # raises the explanation
         tp = plan.token
         if tp is None:
             return self._op(x, plan.seq_offsets, plan.adapter_ids, row_gates)

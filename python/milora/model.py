@@ -596,9 +596,10 @@ class MiLoRAModel(nn.Module):
         reuses the gates, which live with the call's KV cache. Rows expanded by HF (beams,
         num_return_sequences) inherit their prompt's adapter and gates.
 
-        Continuing from a prefix KV cache (`cache=` / `past_key_values=` holding the first tokens
-        of input_ids): the gates are computed from the whole prompt (prefix + suffix) by one extra
-        forward over input_ids without the cache, then stored with the cache."""
+        A prefix KV cache (`cache=` / `past_key_values=` holding the first tokens of input_ids) is
+        not reused as it is: MiLoRA routes from the whole prompt, and the prefix's keys and values
+        depend on the gates (they were computed with the prefix's own). generate empties the cache
+        and prefills the whole prompt into it, so the result equals generate without the cache."""
         ref = kwargs.get("input_ids", args[0] if args else None)
         if ref is None:
             ref = kwargs.get("inputs_embeds")
@@ -617,22 +618,21 @@ class MiLoRAModel(nn.Module):
         req = self._make_request(adapter_names, B, dev, mask, collect_aux=False, route_once=True)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if _cache_length(cache) > 0:
-            self._route_whole_prompt(req, ref, kwargs, cache)
+            self._empty_cache(cache)
         with self.routing(req):
             return self.base_model.generate(*args, **kwargs)
 
-    def _route_whole_prompt(self, req: Request, prompt: Tensor, kwargs, cache) -> None:
-        """generate() from a prefix cache: route from the whole prompt (one forward without the
-        cache, logits of the last token only) and store those gates with the cache."""
-        if req.all_base:
-            attach_gates(cache, PromptGates(self._routing_key, req.version, req.slots, self.num_layers,
-                                            len(MODULE_NAMES), int(prompt.shape[1])))
-            return
-        key = "input_ids" if prompt.dtype in (torch.long, torch.int32, torch.int64) else "inputs_embeds"
-        with torch.no_grad(), self.routing(req) as ctx:
-            self.base_model(**{key: prompt}, attention_mask=kwargs.get("attention_mask"), use_cache=False,
-                            logits_to_keep=1)
-        attach_gates(cache, ctx.call_gates)
+    @staticmethod
+    def _empty_cache(cache) -> None:
+        """generate() from a prefix cache: its keys / values were computed with the gates of the
+        prefix alone, so they are emptied and the whole prompt is prefilled (routed from prefix +
+        suffix) into the same cache object."""
+        reset = getattr(cache, "reset", None)
+        if callable(reset):
+            reset()
+        if _cache_length(cache) != 0:
+            raise ValueError(f"MiLoRA.generate: cannot restart the given KV cache ({type(cache).__name__}) to route from "
+                             "the whole prompt; pass no cache or a DynamicCache / StaticCache")
 
     # ---- save / load ----------------------------------------------------------------------
 
