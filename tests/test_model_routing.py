@@ -274,3 +274,34 @@ def test_threads_generate_like_sequential_calls(two_adapter_model):
     assert not errors
     for i in want:
         assert torch.equal(got[i], want[i]), i
+
+
+def test_a_caller_built_plan_is_used_for_every_forward(two_adapter_model, monkeypatch):
+    """A continuous-batching engine builds its own BatchPlan (rows gathered from separately
+    routed requests); every linear reads that plan, and rows equal the requests run alone."""
+    from milora.routing import BatchPlan, PromptGates
+    model, _ = two_adapter_model
+    prompts = [(_ids(1, 5, seed=30), "b"), (_ids(1, 7, seed=31), "default")]
+    with torch.no_grad():
+        stored = [gates_of(model(input_ids=ids, use_cache=True, adapter_names=[n]).cache) for ids, n in prompts]
+    x = _ids(2, 3, seed=32)
+    names = [n for _, n in prompts]
+    req = model._make_request(names, 2, x.device, None, collect_aux=False)
+    rows = req.rows(2)
+    gates = PromptGates(model._routing_key, req.version, rows.key, model.num_layers, 7, 0)
+    for i in range(model.num_layers):
+        for m in range(7):
+            if stored[0].per_layer[i][m] is not None:
+                gates.per_layer[i][m] = torch.cat([g.per_layer[i][m] for g in stored])
+    plan = BatchPlan(req.offsets(2, 3), rows.slots, False, gates, False, rows, None, None)
+    spy = OpSpy(monkeypatch)
+    with torch.no_grad(), model.routing(req, plan):
+        both = model.base_model(input_ids=x).logits
+    assert spy.calls and all(c["gates_obj"] is gates.per_layer[0][0] for c in spy.calls[:1])
+    for r, g in enumerate(stored):
+        alone_req = model._make_request([names[r]], 1, x.device, None, collect_aux=False)
+        arows = alone_req.rows(1)
+        alone_plan = BatchPlan(alone_req.offsets(1, 3), arows.slots, False, g, False, arows, None, None)
+        with torch.no_grad(), model.routing(alone_req, alone_plan):
+            alone = model.base_model(input_ids=x[r:r + 1]).logits
+        torch.testing.assert_close(both[r:r + 1], alone, rtol=1e-5, atol=1e-5)

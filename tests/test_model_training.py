@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from milora import MiLoRAConfig, get_milora_model
-from milora_test_utils import forward_gates, generate_with_gates, milora_model, randomize_adapter, tiny_model
+from milora_test_utils import OpSpy, forward_gates, generate_with_gates, milora_model, randomize_adapter, tiny_model
 
 
 def _batch(seed=0, B=4, L=10, prompt_len=6):
@@ -144,11 +144,80 @@ def test_dtype_move_after_wrapping_and_tuple_outputs():
     assert model.generate(input_ids=ids[:, :5], max_new_tokens=2, do_sample=False).shape == (2, 7)
 
 
-def test_gradient_checkpointing_is_refused():
-    model, _ = milora_model(seed=6)
-    enable = getattr(model.base_model, "activation_checkpointing_enable", None) or model.base_model.gradient_checkpointing_enable
-    enable()
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return out.loss.detach(), out.aux_loss.detach(), grads
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+@pytest.mark.parametrize("routing", ["prompt", "token"])
+def test_gradient_checkpointing_gives_equal_loss_and_grads(monkeypatch, reentrant, routing):
+    cfg = MiLoRAConfig(r=4, alpha=8, routing=routing, experts_per_module=2 if routing == "token" else 1,
+                       top_k=2, load_balance_coef=0.1)
+    model, _ = milora_model(seed=7, config=cfg)
+    ids, labels, pm = _batch(7)
+    batch = dict(input_ids=ids, labels=labels, prompt_mask=pm)
     model.train()
-    ids, labels, pm = _batch(6, B=2)
-    with pytest.raises(NotImplementedError, match="gradient checkpointing"):
-        model(input_ids=ids, labels=labels)
+    want = _loss_and_grads(model, batch)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})  # HF's, through the wrapper
+    try:
+        assert all(layer.gradient_checkpointing for layer in model.layers)
+        spy = OpSpy(monkeypatch)
+        if routing == "token" and reentrant:
+            with pytest.raises(NotImplementedError, match="use_reentrant"):
+                _loss_and_grads(model, batch)
+            return
+        got = _loss_and_grads(model, batch)
+    finally:
+        model.gradient_checkpointing_disable()
+    n_lin = len(model.milora_linears())
+    assert len(spy.calls) == 2 * n_lin  # the recomputation really ran each layer again
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+    assert set(got[2]) == set(want[2])
+    routers = [n for n in want[2] if "router" in n]
+    assert routers and all(want[2][n].abs().sum() > 0 for n in routers)
+    for n in want[2]:
+        torch.testing.assert_close(got[2][n], want[2][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_checkpointing_enabled_on_the_base_model_trains_the_same():
+    """Checkpointing switched on through the wrapped HF model (as Trainer / user code may do)."""
+    model, _ = milora_model(seed=8)
+    ids, labels, pm = _batch(8, B=2)
+    batch = dict(input_ids=ids, labels=labels, prompt_mask=pm)
+    model.train()
+    want = _loss_and_grads(model, batch)
+    enable = getattr(model.base_model, "activation_checkpointing_enable", None) or model.base_model.gradient_checkpointing_enable
+    enable({"use_reentrant": True})
+    try:
+        got = _loss_and_grads(model, batch)
+    finally:
+        disable = getattr(model.base_model, "activation_checkpointing_disable", None) or model.base_model.gradient_checkpointing_disable
+        disable()
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    for n in want[2]:
+        torch.testing.assert_close(got[2][n], want[2][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_trainer_with_gradient_checkpointing_trains(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    model, _ = milora_model(seed=9)
+    ids, labels, pm = _batch(9, B=4)
+    data = [dict(input_ids=ids[i], labels=labels[i], prompt_mask=pm[i]) for i in range(4)]
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2, weight_decay=0.0,
+        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}, report_to=[],
+        save_strategy="no", logging_steps=1, remove_unused_columns=False, use_cpu=True, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    result = trainer.train()
+    assert all(layer.gradient_checkpointing for layer in model.layers)
+    assert all(type(layer._gradient_checkpointing_func).__name__ == "RoutedCheckpoint" for layer in model.layers)
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+    moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p.detach(), before[n])]
+    assert any("router" in n for n in moved) and any("lora_b" in n for n in moved)

@@ -47,6 +47,52 @@ from .routing import (BatchPlan, CallContext, PromptGates, Request, SlotTables, 
 BASE_NAMES = (None, "base")
 
 
+class RoutedCheckpoint:
+    """A decoder layer's gradient-checkpoint function that keeps routing outside the checkpoint.
+
+    HF checkpoints a layer's `forward` (its pre-hooks, where the router runs, stay outside).
+    This wrapper hands the layer's gates to the checkpoint as explicit tensor inputs and runs
+    the layer (first pass and recomputation) in a call context whose plan reads exactly those
+    inputs: recomputation, which happens in backward after the call has ended, sees the same
+    plan, and with use_reentrant=True the gradient reaches the routers through the inputs.
+    Per-token routers (token-routed linears) run inside the checkpoint; their aux losses are
+    kept from the first pass only."""
+
+    def __init__(self, owner: "RoutingKey", layer_idx: int, inner) -> None:
+        self.owner = owner
+        self.layer_idx = layer_idx
+        self.inner = inner
+
+    def __call__(self, fn, *args, **kwargs):
+        ctx = current_call()
+        if ctx is None or ctx.owner is not self.owner or ctx.plan is None or ctx.plan.all_base:
+            return self.inner(fn, *args, **kwargs)
+        i, n, plan = self.layer_idx, len(args), ctx.plan
+        layer_gates = list(plan.gates.per_layer[i])
+        present = [m for m, g in enumerate(layer_gates) if g is not None]
+        passes = []
+        grad_outside = torch.is_grad_enabled()
+
+        def run(*inputs):
+            if not passes and grad_outside and not torch.is_grad_enabled() and plan.token is not None \
+                    and ctx.request.collect_aux:
+                raise NotImplementedError(
+                    "MiLoRA: reentrant gradient checkpointing cannot train per-token routers (routing='token'): their "
+                    "load-balancing loss is computed inside the checkpoint without gradient. Use "
+                    "gradient_checkpointing_kwargs={'use_reentrant': False}")
+            gates = list(layer_gates)
+            for m, t in zip(present, inputs[n:]):
+                gates[m] = t
+            inner_ctx = CallContext(ctx.owner, ctx.request, plan.with_layer_gates(i, gates))
+            if not passes:  # first pass: its aux losses count; a recomputation's are dropped
+                inner_ctx.aux = ctx.aux
+            passes.append(None)
+            with enter_call(inner_ctx):
+                return fn(*inputs[:n])
+
+        return self.inner(run, *args, *[layer_gates[m] for m in present], **kwargs)
+
+
 class RoutingKey:
     """Identity of one MiLoRAModel's routing: its layers and its stored gates carry it, so a call
     context or a cache of another model is never read."""
@@ -383,12 +429,17 @@ class MiLoRAModel(nn.Module):
                        route_once=route_once)
 
     @contextmanager
-    def routing(self, request: Request):
+    def routing(self, request: Request, plan: Optional[BatchPlan] = None):
         """Scope of one call: `request` is the current call of this thread / task inside the block.
-        Yields the CallContext (its `aux` holds the routers' load-balancing losses afterwards)."""
+        Yields the CallContext (its `aux` holds the routers' load-balancing losses afterwards).
+        plan: a BatchPlan built by the caller (a packed ragged batch: its own seq_offsets and
+        gates) used for every forward of the block instead of one built per forward; it must
+        hold all gates (`routes` False)."""
         if request.version != self._version:
             raise RuntimeError("MiLoRA: this request was built for another set of adapters; build it again")
-        ctx = CallContext(self._routing_key, request)
+        if plan is not None and plan.routes:
+            raise ValueError("MiLoRA: a caller-built BatchPlan must carry its gates (routes=False)")
+        ctx = CallContext(self._routing_key, request, plan)
         with enter_call(ctx):
             yield ctx
 
@@ -424,6 +475,10 @@ class MiLoRAModel(nn.Module):
             ctx = CallContext(self._routing_key, self._direct_request(B, x.device))
             ctx.scope = enter_call(ctx)
             ctx.scope.__enter__()
+        if module.training and torch.is_grad_enabled():
+            self._wrap_checkpoint_functions()  # no-op unless checkpointing was enabled on the base model
+        if ctx.pinned:  # the caller built this call's plan (packed ragged batches)
+            return None
         cache = kwargs.get("cache")
         if cache is None:
             cache = kwargs.get("past_key_values")
@@ -481,7 +536,7 @@ class MiLoRAModel(nn.Module):
 
     def _on_stack_end(self, module, args, output):
         ctx = self._own_call()
-        if ctx is None:
+        if ctx is None or ctx.pinned:
             return None
         plan, ctx.plan = ctx.plan, None
         if ctx.scope is not None:  # the one-forward scope of a direct call ends here
@@ -538,9 +593,15 @@ class MiLoRAModel(nn.Module):
             raise ValueError("MiLoRA: give input_ids or inputs_embeds")
         return int(ref.shape[0]), int(ref.shape[1]), ref.device
 
-    def _checkpointing(self) -> bool:
-        mods = [getattr(self.base_model, "model", None)] + list(self.layers)
-        return any(getattr(m, "gradient_checkpointing", False) is True for m in mods)
+    def _wrap_checkpoint_functions(self) -> None:
+        """HF gradient / activation checkpointing (`model.gradient_checkpointing_enable()`, reentrant
+        or not; enabled on the wrapped model): make every decoder layer's checkpoint function a
+        RoutedCheckpoint, so routing stays outside the checkpoint. Runs at the start of every
+        training forward (a no-op once wrapped)."""
+        for i, layer in enumerate(self.layers):
+            fn = getattr(layer, "_gradient_checkpointing_func", None)
+            if fn is not None and not isinstance(fn, RoutedCheckpoint):
+                layer._gradient_checkpointing_func = RoutedCheckpoint(self._routing_key, i, fn)
 
     def _lb_coef(self, req: Request) -> float:
         infos = list(self.adapters.values())
@@ -564,9 +625,6 @@ class MiLoRAModel(nn.Module):
         without MiLoRA gates is refused.
         """
         B, L, dev = self._batch_shape(input_ids, kwargs)
-        if torch.is_grad_enabled() and self.training and self._checkpointing():
-            raise NotImplementedError("MiLoRA does not support gradient checkpointing (its hooks would not run in the "
-                                      "recomputation); disable it on the base model first")
         if prompt_mask is not None:
             if not isinstance(prompt_mask, Tensor) or tuple(prompt_mask.shape) != (B, L):
                 raise ValueError(f"MiLoRA: prompt_mask must have shape {(B, L)} (like input_ids), got "

@@ -265,12 +265,15 @@ class CallContext:
     """One MiLoRAModel call (forward or generate) in one thread: its request, the plan of the
     forward running now, the gates kept for the call when there is no cache, and the aux losses."""
 
-    __slots__ = ("owner", "request", "plan", "call_gates", "aux", "scope")
+    __slots__ = ("owner", "request", "plan", "pinned", "call_gates", "aux", "scope")
 
-    def __init__(self, owner: object, request: Request) -> None:
+    def __init__(self, owner: object, request: Request, plan: Optional[BatchPlan] = None) -> None:
         self.owner = owner
         self.request = request
-        self.plan: Optional[BatchPlan] = None
+        # plan given here: the caller (e.g. a continuous-batching engine with a packed ragged
+        # batch) built it; the model uses it for every forward of the call instead of building one
+        self.plan: Optional[BatchPlan] = plan
+        self.pinned = plan is not None
         self.call_gates: Optional[PromptGates] = None
         self.aux: List[Tensor] = []
         self.scope: Optional["_Entered"] = None  # set when the model opened this call for one forward
