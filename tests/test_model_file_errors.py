@@ -86,6 +86,13 @@ def test_config_refuses_out_of_range_values(kw, msg):
         MiLoRAConfig.from_json_string(json.dumps(base))
 
 
+def test_fields_assigned_later_are_checked_by_validate():
+    cfg = MiLoRAConfig(r=4)
+    cfg.top_k = 2 ** 63
+    with pytest.raises(ValueError, match="top_k"):
+        cfg.validate()
+
+
 def test_config_strict_json():
     with pytest.raises(ValueError, match="duplicate key 'r'"):
         MiLoRAConfig.from_json_string('{"r": 4, "r": 5}')
@@ -172,6 +179,7 @@ def test_bad_milora_files_are_refused_clearly(good, tmp_path, target, case):
 def test_bad_arguments_are_type_errors(good, target):
     _refused(target, lambda: target.load_adapter(good / "good", ["x"]), ValueError, "adapter names must be non-empty strings")
     _refused(target, lambda: target.load_adapter(None, "x"), TypeError, "must be a path")
+    _refused(target, lambda: target.load_peft_adapter(3, "x"), TypeError, "must be a path")
     with pytest.raises(TypeError, match="adapter_name must be a string"):
         target.save_pretrained(good / "never", adapter_name=["keep"])
 

@@ -161,6 +161,10 @@ class MiLoRAConfig:
     use_rslora: bool = False
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field again (fields may be assigned after construction); ValueError naming it."""
         own = "MiLoRAConfig"
         self.target_modules = normalize_target_modules(self.target_modules)
         if not is_int(self.r) or not 1 <= self.r <= MAX_RANK:

@@ -122,6 +122,8 @@ def _is_alpha(v) -> bool:
 
 def read_peft_dir(directory) -> AdapterSpec:
     """Read a PEFT LoRA directory into an AdapterSpec of kind "static" (not yet checked against a model)."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"MiLoRA: the PEFT adapter directory must be a path, got {type(directory).__name__}")
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"MiLoRA: PEFT adapter directory {directory} does not exist")
