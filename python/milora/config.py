@@ -14,7 +14,7 @@ import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Tuple, Union
 
-from .files import parse_json, read_json_file
+from .files import parse_json, read_json_file, write_files_atomically
 
 MODULE_NAMES: Tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODULE_PARENTS: Dict[str, str] = {
@@ -222,8 +222,9 @@ class MiLoRAConfig:
         return cls.from_dict(parse_json(text, "MiLoRAConfig JSON"))
 
     def to_json_file(self, path: Union[str, os.PathLike]) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.to_json_string() + "\n")
+        """Write atomically (a temporary then rename; a symlink at `path` is replaced, not followed)."""
+        path = os.fspath(path)
+        write_files_atomically(os.path.dirname(path) or ".", [(os.path.basename(path), (self.to_json_string() + "\n").encode("utf-8"))])
 
     @classmethod
     def from_json_file(cls, path: Union[str, os.PathLike]) -> "MiLoRAConfig":
