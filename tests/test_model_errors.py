@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from milora import MiLoRAConfig, get_milora_model
-from milora_test_utils import milora_model, tiny_model, transformers
+from milora_test_utils import assert_state_equal, milora_model, snapshot_state, tiny_model, transformers
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,30 @@ def test_adapter_names_of_the_wrong_length(model):
         model.generate(input_ids=_ids(), adapter_names=["default"], max_new_tokens=2)
     with pytest.raises(ValueError, match="one adapter name"):
         model(input_ids=_ids(), adapter_names="default")
+
+
+def test_adapter_names_that_are_not_strings(model):
+    snap = snapshot_state(model)
+    for names in (["default", ["default"]], ["default", {"a": 1}], ["default", 3]):
+        with pytest.raises(ValueError, match="unknown adapter .* in adapter_names"):
+            model(input_ids=_ids(), adapter_names=names)
+        with pytest.raises(ValueError, match="unknown adapter .* in adapter_names"):
+            model.generate(input_ids=_ids(), adapter_names=names, max_new_tokens=2)
+    assert_state_equal(model, snap)
+
+
+def test_config_fields_assigned_later_are_checked_before_anything_changes(model):
+    cfg = MiLoRAConfig(r=4)
+    cfg.top_k = 2 ** 63
+    snap = snapshot_state(model)
+    with pytest.raises(ValueError, match="MiLoRAConfig.top_k must be an integer"):
+        model.add_adapter("huge", cfg)
+    assert model.adapter_names == ["default"]
+    assert_state_equal(model, snap)
+    base = tiny_model(seed=1)
+    with pytest.raises(ValueError, match="top_k"):
+        get_milora_model(base, cfg)
+    assert isinstance(base.model.layers[0].self_attn.q_proj, nn.Linear)
 
 
 def test_prompt_mask_of_the_wrong_shape(model):

@@ -175,6 +175,7 @@ class MiLoRAModel(nn.Module):
         super().__init__()
         if not isinstance(config, MiLoRAConfig):
             raise TypeError(f"get_milora_model: config must be a MiLoRAConfig, got {type(config).__name__}")
+        config.validate()  # fields may have been assigned after construction
         layers = find_decoder_layers(model)
         if any(isinstance(m, MiLoRALinear) for m in model.modules()):
             raise ValueError("get_milora_model: this model already has MiLoRA layers (wrap the original base model once)")
@@ -297,6 +298,7 @@ class MiLoRAModel(nn.Module):
         config = self.default_config if config is None else config
         if not isinstance(config, MiLoRAConfig):
             raise TypeError(f"add_adapter: config must be a MiLoRAConfig, got {type(config).__name__}")
+        config.validate()  # fields may have been assigned after construction
         self._check_new_name(adapter_name)
         check_target_modules(self.layers, config.target_modules, type(self.base_model).__name__)
         modules = {(i, m): (config.r, config.scaling) for i in range(self.num_layers) for m in config.target_modules}
