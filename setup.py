@@ -5,8 +5,9 @@ CUDA and nvcc is found. Environment switches:
   MILORA_CUDA=0|1          force the CUDA kernels off / on (1 fails if they cannot be built)
   MILORA_CUDA_ARCH_LIST    e.g. "9.0" or "8.0;9.0+PTX" (default "8.0;8.6;8.9;9.0+PTX";
                            TORCH_CUDA_ARCH_LIST is honoured when MILORA_CUDA_ARCH_LIST is unset)
-  MILORA_CPU_ARCH          value for -march= on the C++ side (default "native"; "none" = no flag,
-                           the portable scalar path)
+  MILORA_CPU_ARCH          opt-in value for -march= on the C++ side (default: none, a build that
+                           runs on any x86-64 machine; the LoRA kernels are compiled per ISA level
+                           in csrc/cpu/isa_*.cpp and chosen at load time, see csrc/cpu/isa.h)
   MAX_JOBS                 parallel compile jobs (ninja)
 """
 import glob
@@ -74,7 +75,7 @@ def _want_cuda():
 
 def _cxx_flags():
     flags = ["-O3", "-fvisibility=hidden"]
-    arch = os.environ.get("MILORA_CPU_ARCH", "native").strip()
+    arch = os.environ.get("MILORA_CPU_ARCH", "none").strip()
     if arch and arch != "none":
         flags.append(f"-march={arch}")
     return flags

@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/dispatch.h"
+
 // `import milora_ext._C` only needs to load this shared library: loading it runs the
 // static TORCH_LIBRARY registrations below. The module itself is empty, so it can be
 // built against the limited (abi3) Python API. PyMODINIT_FUNC exports the symbol despite
@@ -28,4 +30,9 @@ TORCH_LIBRARY(milora_ext, m) {
   // Validates the values of the index tensors (copies them to the host): offsets start at 0,
   // never decrease and end at num_tokens; adapter ids lie in [-1, num_slots).
   m.def("check_indices(Tensor seq_offsets, Tensor adapter_ids, int num_tokens, int num_slots) -> ()");
+  // The ISA level of the CPU LoRA kernels (csrc/cpu/isa.h): in use, the highest this machine
+  // runs, and an in-process switch to a level at or below that (returns the previous one).
+  m.def("cpu_capability() -> str", &milora::cpu::cpu_capability_op);
+  m.def("max_cpu_capability() -> str", &milora::cpu::max_cpu_capability_op);
+  m.def("set_cpu_capability(str level) -> str", &milora::cpu::set_cpu_capability_op);
 }

@@ -9,6 +9,7 @@ plain PyTorch implementation the tests and benchmarks compare against.
 import torch  # noqa: F401  (first: _C links against libtorch / libc10, which it loads)
 
 from . import _C  # noqa: F401  (loads the compiled library, which registers torch.ops.milora_ext)
+from .cpu import cpu_capability, max_cpu_capability, set_cpu_capability, supported_cpu_capabilities  # noqa: F401
 from .ops import (  # noqa: F401
     check_indices,
     gated_lora_linear,
@@ -23,4 +24,8 @@ __all__ = [
     "check_indices",
     "set_index_checks",
     "has_cuda_kernels",
+    "cpu_capability",
+    "max_cpu_capability",
+    "set_cpu_capability",
+    "supported_cpu_capabilities",
 ]

@@ -1,18 +1,24 @@
 // CPU implementation of milora_ext::gated_lora_linear.
 //
 //   y = x @ weight^T + bias                                (ATen: MKL / oneDNN, in x's dtype)
-//   y[t] += sum_e gates[s,e] * B[p,e] @ (A[p,e] @ x[t])    (hand-written here, float32 accumulation)
+//   y[t] += sum_e gates[s,e] * B[p,e] @ (A[p,e] @ x[t])    (hand-written, float32 accumulation)
 //
-// The LoRA term runs in two parallel phases over work grouped by adapter slot (lora_plan.h),
-// so each active adapter's A and B are streamed once per call however its sequences are
-// spread through the batch:
-//   shrink: U[t, e, :] = gates[s,e] * A[p,e] @ x[t] for each token whose sequence has
-//           gates[s,e] != 0 (U is a float32 scratch [T, E, Rpad]);
-//   expand: y[t, :] += sum_e B[p,e] @ U[t, e, :] over the experts active for t's sequence,
-//           in column chunks of 256 so a chunk of B stays in cache for all the adapter's tokens.
+// This file plans the LoRA work; the work items themselves (cpu/lora_kernels.h) are compiled
+// once per ISA level and the level is chosen at load time (cpu/isa.h, cpu/dispatch.cpp).
+// The LoRA term runs in parallel phases over work grouped by adapter slot (lora_plan.h), so
+// each active adapter's A and B are streamed once per call however its sequences are spread
+// through the batch:
+//   shrink:   U[t, e, :] = A[p,e] @ x[t] for each token whose sequence has gates[s,e] != 0
+//             (U is a float32 scratch [T, E, Rpad]); when there are fewer work items than
+//             threads (one adapter, few tokens) the reduction over K is split too, into
+//             partial U buffers;
+//   finalise: U[t, e, :] = gates[s,e] * (sum of the partial U), pad lanes 0;
+//   expand:   y[t, :] += sum_e B[p,e] @ U[t, e, :] over the experts active for t's sequence,
+//             in column chunks (256, narrower when that leaves threads idle) so a chunk of B
+//             stays in cache for all the adapter's tokens.
 // Adapters with at least kPackedMinTokens tokens go through packed GEMM-like tiles (A^T / B^T
 // packed to float32 panels once per work item); the others (decode: one token per adapter)
-// through dot tiles that read A and B straight from memory, which bounds them (lora_tiles.h).
+// through dot tiles that read A and B straight from memory, which bounds them.
 // Sequences with adapter -1 and experts with gate 0 are never visited.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -20,29 +26,34 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <functional>
 #include <map>
 #include <vector>
 
 #include "checks.h"
-#include "cpu/lora_tiles.h"
-#include "cpu/vec.h"
+#include "cpu/isa.h"
 #include "lora_plan.h"
 
 namespace milora::cpu {
 namespace {
 
 constexpr int64_t kPackedMinTokens = 16;  // token lists (and adapters, in the expand) this long use packed tiles
+constexpr int64_t kPackedRows = 6;        // tokens per packed tile (lora_tiles.h)
 constexpr int64_t kPackedMinChunk = 48;   // tokens per packed shrink work item: at least...
 constexpr int64_t kPackedMaxChunk = 1024; // ...and at most
 constexpr int64_t kDotTokens = 16;        // tokens per dot shrink work item
 constexpr int64_t kDotRows = 8;           // rank rows per dot shrink work item
-constexpr int64_t kExpandCols = 256;      // output columns per expand work item
+constexpr int64_t kMinSliceK = 512;       // a K slice of a split shrink is at least this long
+constexpr int64_t kExpandCols = 256;      // output columns per expand work item (at most)
+constexpr int64_t kMinExpandCols = 32;    // ...and at least
 
 constexpr int64_t kParallelMinMacs = 1 << 16;  // below this a phase runs on the calling thread
 
 int64_t round_up(int64_t v, int64_t m) {
   return (v + m - 1) / m * m;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
 }
 
 // Runs fn(begin, end) over [0, num_items), across threads when the phase does enough
@@ -51,31 +62,27 @@ int64_t round_up(int64_t v, int64_t m) {
 template <typename F>
 void for_items(int64_t num_items, int64_t macs, const F& fn) {
   if (num_items == 0) return;
-  if (macs < kParallelMinMacs) {
+  if (macs < kParallelMinMacs || at::get_num_threads() == 1) {
     fn(int64_t(0), num_items);
     return;
   }
   at::parallel_for(0, num_items, 1, fn);
 }
 
-// Raw pointers and sizes of one call's LoRA operands.
-template <typename scalar_t, typename acc_t>
-struct LoraOperands {
-  const scalar_t* x;   // [T, K]
-  const scalar_t* a;   // [P, E, R, K]
-  const scalar_t* b;   // [P, E, N, R]
-  const acc_t* gates;  // [S, E]
-  acc_t* u;            // [T, E, Rpad] scratch: gated shrink results, pad lanes 0
-  scalar_t* y;         // [T, N]
-  int64_t K, N, E, R, Rpad;
+// The active experts (gate != 0) of each sequence of the plan: seq_experts[s * E + q], q < nexp[s].
+template <typename A>
+struct ActiveExperts {
+  std::vector<int64_t> experts, nexp;
 
-  acc_t gate(int64_t s, int64_t e) const { return gates[s * E + e]; }
-  acc_t* u_row(int64_t t, int64_t e) const { return u + (t * E + e) * Rpad; }
-  const scalar_t* a_rows(int64_t p, int64_t e) const { return a + (p * E + e) * R * K; }
-  const scalar_t* b_rows(int64_t p, int64_t e) const { return b + (p * E + e) * N * R; }
+  ActiveExperts(const LoraPlan& plan, const A* gates, int64_t S, int64_t E) : experts(S * E), nexp(S, 0) {
+    for (const auto& grp : plan.groups)
+      for (int64_t s : grp.seqs)
+        for (int64_t e = 0; e < E; ++e)
+          if (gates[s * E + e] != A(0)) experts[s * E + nexp[s]++] = e;
+  }
 };
 
-// The tokens of one adapter whose sequences share one set of active experts (gate != 0).
+// The tokens of one adapter whose sequences share one set of active experts.
 // Prefill batches have one sequence per adapter, so one list per adapter.
 struct TokenList {
   int64_t adapter;
@@ -84,22 +91,13 @@ struct TokenList {
   std::vector<int64_t> seqs;     // the sequence of each token
 };
 
-struct ShrinkItem {
-  int64_t list;    // index into the token lists
-  int64_t i0, i1;  // tokens [i0, i1) of the list
-  int64_t q;       // dot items: the expert (index into the list's experts); packed items: all
-  int64_t r0, r1;  // dot items: rank rows [r0, r1)
-  bool packed;
-};
-
-std::vector<TokenList> token_lists(const LoraPlan& plan, int64_t E, const std::function<bool(int64_t, int64_t)>& active) {
+template <typename A>
+std::vector<TokenList> token_lists(const LoraPlan& plan, const ActiveExperts<A>& act, int64_t E) {
   std::vector<TokenList> lists;
   for (const auto& grp : plan.groups) {
     std::map<std::vector<int64_t>, size_t> by_set;
     for (int64_t s : grp.seqs) {
-      std::vector<int64_t> experts;
-      for (int64_t e = 0; e < E; ++e)
-        if (active(s, e)) experts.push_back(e);
+      std::vector<int64_t> experts(act.experts.begin() + s * E, act.experts.begin() + s * E + act.nexp[s]);
       auto [it, fresh] = by_set.emplace(experts, lists.size());
       if (fresh) lists.push_back(TokenList{grp.adapter, std::move(experts), {}, {}});
       TokenList& l = lists[it->second];
@@ -112,15 +110,31 @@ std::vector<TokenList> token_lists(const LoraPlan& plan, int64_t E, const std::f
   return lists;
 }
 
+struct ShrinkItem {
+  int64_t list;    // index into the token lists
+  int64_t i0, i1;  // tokens [i0, i1) of the list
+  int64_t q;       // dot items: the expert (index into the list's experts); packed items: all
+  int64_t r0, r1;  // dot items: rank rows [r0, r1)
+  bool packed;
+};
+
+// Raw pointers and sizes of one call's LoRA operands (S: the kernels' storage type).
+template <typename S, typename A>
+struct LoraOperands {
+  const S* x;          // [T, K]
+  const S* a;          // [P, E, R, K]
+  const S* b;          // [P, E, N, R]
+  const A* gates;      // [S, E]
+  A* u;                // [T, E, Rpad]
+  S* y;                // [T, N]
+  int64_t T, K, N, E, R, Rpad;
+};
+
 // U[t, e, :] = gates[s, e] * A[p, e] @ x[t] for every token and active expert; pad lanes 0.
-// Packed lists (many tokens) pack A^T of all their experts once per item and read each x
-// row once for all of them; the others run dot tiles per (expert, 8 rank rows).
-template <typename scalar_t, typename acc_t>
-void lora_shrink(const LoraOperands<scalar_t, acc_t>& op, const LoraPlan& plan) {
+template <typename S, typename A>
+void lora_shrink(const LoraOperands<S, A>& op, const std::vector<TokenList>& lists, const LoraKernels<S, A>& kern) {
   RECORD_FUNCTION("milora::lora_shrink_cpu", std::vector<c10::IValue>());
-  using V = Vec<acc_t>;
   const int64_t E = op.E, R = op.R, K = op.K, Rpad = op.Rpad;
-  const auto lists = token_lists(plan, E, [&](int64_t s, int64_t e) { return op.gate(s, e) != acc_t(0); });
   const int64_t threads = at::get_num_threads();
   std::vector<ShrinkItem> items;
   int64_t macs = 0;
@@ -130,7 +144,7 @@ void lora_shrink(const LoraOperands<scalar_t, acc_t>& op, const LoraPlan& plan) 
     macs += n * ne * R * K;
     if (n >= kPackedMinTokens) {
       // Enough items to keep every thread busy, few enough to pack each panel rarely.
-      const int64_t chunk = std::clamp(round_up((n + threads - 1) / threads, kPackedRows), kPackedMinChunk, kPackedMaxChunk);
+      const int64_t chunk = std::clamp(round_up(ceil_div(n, threads), kPackedRows), kPackedMinChunk, kPackedMaxChunk);
       for (int64_t i0 = 0; i0 < n; i0 += chunk) items.push_back(ShrinkItem{l, i0, std::min(i0 + chunk, n), 0, 0, Rpad, true});
       continue;
     }
@@ -139,174 +153,164 @@ void lora_shrink(const LoraOperands<scalar_t, acc_t>& op, const LoraPlan& plan) 
         for (int64_t r0 = 0; r0 < R; r0 += kDotRows)
           items.push_back(ShrinkItem{l, i0, std::min(i0 + kDotTokens, n), q, r0, std::min(r0 + kDotRows, R), false});
   }
-  for_items(static_cast<int64_t>(items.size()), macs, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> panels;  // [experts][K][Rpad]: A^T of each active expert, zero beyond R
+  const int64_t num_items = static_cast<int64_t>(items.size());
+  if (num_items == 0) return;
+  // Fewer items than threads (one adapter, few tokens): split K as well, each slice into its
+  // own partial U, summed when the rows are finalised.
+  int64_t slices = 1;
+  if (num_items < threads && macs >= kParallelMinMacs)
+    slices = std::max<int64_t>(1, std::min(ceil_div(threads, num_items), K / kMinSliceK));
+  const int64_t slice_k = round_up(ceil_div(K, slices), 64);
+  slices = ceil_div(K, slice_k);
+  at::Tensor partial;
+  A* partial_base = op.u;
+  const int64_t slice_stride = op.T * E * Rpad;
+  if (slices > 1) {
+    partial = at::empty({slices * slice_stride}, at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value));
+    partial_base = partial.data_ptr<A>();
+  }
+  for_items(num_items * slices, macs, [&](int64_t begin, int64_t end) {
+    std::vector<A> scratch;
     for (int64_t w = begin; w < end; ++w) {
-      const ShrinkItem& it = items[w];
+      const ShrinkItem& it = items[w % num_items];
+      const int64_t slice = w / num_items;
       const TokenList& l = lists[it.list];
+      ShrinkJob<S, A> job{};
+      job.x = op.x;
+      job.a = op.a + l.adapter * E * R * K;
+      job.out = partial_base + slice * slice_stride;
+      job.tokens = l.tokens.data();
+      job.K = K;
+      job.E = E;
+      job.R = R;
+      job.Rpad = Rpad;
+      job.i0 = it.i0;
+      job.i1 = it.i1;
+      job.r0 = it.r0;
+      job.r1 = it.r1;
+      job.k0 = slice * slice_k;
+      job.k1 = std::min(K, job.k0 + slice_k);
       if (it.packed) {
-        const int64_t ne = static_cast<int64_t>(l.experts.size());
-        panels.assign(ne * K * Rpad, acc_t(0));
-        for (int64_t q = 0; q < ne; ++q) {
-          const scalar_t* a_rows = op.a_rows(l.adapter, l.experts[q]);
-          acc_t* panel = panels.data() + q * K * Rpad;
-          for (int64_t k = 0; k < K; ++k)
-            for (int64_t r = 0; r < R; ++r) panel[k * Rpad + r] = static_cast<acc_t>(a_rows[r * K + k]);
-        }
-        for (int64_t i = it.i0; i < it.i1; i += kPackedRows) {
-          const int mr = static_cast<int>(std::min<int64_t>(kPackedRows, it.i1 - i));
-          const scalar_t* xr[kPackedRows];
-          acc_t* out[kPackedRows];
-          acc_t gate[kPackedRows];
-          for (int q = 0; q < mr; ++q) xr[q] = op.x + l.tokens[i + q] * K;
-          for (int64_t q = 0; q < ne; ++q) {
-            const int64_t e = l.experts[q];
-            for (int j = 0; j < mr; ++j) gate[j] = op.gate(l.seqs[i + j], e);
-            for (int64_t r0 = 0; r0 < Rpad; r0 += 2 * V::size) {
-              for (int j = 0; j < mr; ++j) out[j] = op.u_row(l.tokens[i + j], e) + r0;
-              const acc_t* panel = panels.data() + q * K * Rpad + r0;
-              if (Rpad - r0 >= 2 * V::size) {
-                packed_shrink_any<2>(mr, xr, gate, panel, Rpad, K, out);
-              } else {
-                packed_shrink_any<1>(mr, xr, gate, panel, Rpad, K, out);
-              }
-            }
-          }
-        }
-        continue;
+        job.experts = l.experts.data();
+        job.ne = static_cast<int64_t>(l.experts.size());
+        scratch.resize(job.ne * (job.k1 - job.k0) * Rpad);
+        job.scratch = scratch.data();
+        kern.shrink_packed(job);
+      } else {
+        job.experts = l.experts.data() + it.q;
+        job.ne = 1;
+        kern.shrink_dot(job);
       }
-      const int64_t e = l.experts[it.q];
-      const scalar_t* a_rows = op.a_rows(l.adapter, e);
-      acc_t dots[4 * 2];
-      for (int64_t i = it.i0; i < it.i1; i += 4) {
-        const int tm = static_cast<int>(std::min<int64_t>(4, it.i1 - i));
-        const scalar_t* xr[4];
-        for (int q = 0; q < tm; ++q) xr[q] = op.x + l.tokens[i + q] * K;
-        for (int64_t r = it.r0; r < it.r1; r += 2) {
-          const int tj = static_cast<int>(std::min<int64_t>(2, it.r1 - r));
-          const scalar_t* ar[2] = {a_rows + r * K, a_rows + (r + tj - 1) * K};
-          dot_tile_any<scalar_t, acc_t>(tm, tj, xr, ar, K, dots, 2);
-          for (int q = 0; q < tm; ++q)
-            for (int j = 0; j < tj; ++j) op.u_row(l.tokens[i + q], e)[r + j] = op.gate(l.seqs[i + q], e) * dots[q * 2 + j];
+    }
+  });
+  // Finalise: gate (and sum the K slices); pad lanes 0.
+  std::vector<std::pair<int64_t, int64_t>> rows;  // (list, token index in the list)
+  for (int64_t l = 0; l < static_cast<int64_t>(lists.size()); ++l)
+    for (int64_t i = 0; i < static_cast<int64_t>(lists[l].tokens.size()); ++i) rows.emplace_back(l, i);
+  for_items(static_cast<int64_t>(rows.size()), static_cast<int64_t>(rows.size()) * E * Rpad * slices, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const TokenList& l = lists[rows[w].first];
+      const int64_t t = l.tokens[rows[w].second], s = l.seqs[rows[w].second];
+      for (int64_t e : l.experts) {
+        const A g = op.gates[s * E + e];
+        A* u = op.u + (t * E + e) * Rpad;
+        const A* p = partial_base + (t * E + e) * Rpad;
+        for (int64_t r = 0; r < R; ++r) {
+          A sum = p[r];
+          for (int64_t sl = 1; sl < slices; ++sl) sum += p[sl * slice_stride + r];
+          u[r] = g * sum;
         }
-        if (it.r1 == R)
-          for (int q = 0; q < tm; ++q)
-            for (int64_t r = R; r < Rpad; ++r) op.u_row(l.tokens[i + q], e)[r] = acc_t(0);
+        for (int64_t r = R; r < Rpad; ++r) u[r] = A(0);
       }
     }
   });
 }
 
-struct ExpandItem {
-  const AdapterGroup* group;
-  int64_t n0, n1;  // output columns [n0, n1)
-  bool packed;
+// y[t, :] += sum over the active experts e of t's sequence of B[p, e] @ U[t, e, :].
+template <typename S, typename A>
+void lora_expand(const LoraOperands<S, A>& op, const LoraPlan& plan, const ActiveExperts<A>& act,
+                 const LoraKernels<S, A>& kern) {
+  RECORD_FUNCTION("milora::lora_expand_cpu", std::vector<c10::IValue>());
+  const int64_t E = op.E, N = op.N, R = op.R;
+  const int64_t groups = static_cast<int64_t>(plan.groups.size());
+  // Column chunks: 256, or narrower when there are fewer chunks than threads.
+  const int64_t threads = at::get_num_threads();
+  int64_t cols = kExpandCols;
+  if (groups * ceil_div(N, cols) < threads)
+    cols = std::max(kMinExpandCols, round_up(ceil_div(N * groups, threads), kMinExpandCols));
+  struct Item {
+    int64_t group, n0, n1;
+    bool packed;
+  };
+  std::vector<Item> items;
+  std::vector<char> used(groups * E, 0);  // [group, E]: whether some sequence of the group uses e
+  int64_t macs = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    int64_t tokens = 0;
+    for (int64_t s : plan.groups[g].seqs) {
+      tokens += plan.seq_end(s) - plan.seq_begin(s);
+      for (int64_t q = 0; q < act.nexp[s]; ++q) used[g * E + act.experts[s * E + q]] = 1;
+    }
+    macs += tokens * N * R;
+    const bool packed = tokens >= kPackedMinTokens;
+    for (int64_t n0 = 0; n0 < N; n0 += cols) items.push_back(Item{g, n0, std::min(n0 + cols, N), packed});
+  }
+  for_items(static_cast<int64_t>(items.size()), macs, [&](int64_t begin, int64_t end) {
+    std::vector<A> scratch;
+    for (int64_t w = begin; w < end; ++w) {
+      const Item& it = items[w];
+      const AdapterGroup& grp = plan.groups[it.group];
+      ExpandJob<S, A> job{};
+      job.b = op.b + grp.adapter * E * N * R;
+      job.u = op.u;
+      job.y = op.y;
+      job.seqs = grp.seqs.data();
+      job.nseqs = static_cast<int64_t>(grp.seqs.size());
+      job.offsets = plan.offsets.data();
+      job.seq_experts = act.experts.data();
+      job.seq_nexp = act.nexp.data();
+      job.used = used.data() + it.group * E;
+      job.N = N;
+      job.E = E;
+      job.R = R;
+      job.Rpad = op.Rpad;
+      job.n0 = it.n0;
+      job.n1 = it.n1;
+      if (it.packed) {
+        scratch.resize(std::min<int64_t>(E, 64) * R * round_up(it.n1 - it.n0, 32));
+        job.scratch = scratch.data();
+        kern.expand_packed(job);
+      } else {
+        kern.expand_dot(job);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+struct KernelStorage {
+  using type = scalar_t;
+};
+template <>
+struct KernelStorage<c10::BFloat16> {
+  using type = bf16_t;
+};
+template <>
+struct KernelStorage<c10::Half> {
+  using type = f16_t;
 };
 
-// y[t, n0:n1] += sum over the active experts e of t's sequence of B[p, e, n0:n1, :] @ U[t, e, :].
-template <typename scalar_t, typename acc_t>
-void expand_packed(const LoraOperands<scalar_t, acc_t>& op, const LoraPlan& plan, const ExpandItem& it,
-                   std::vector<acc_t>& panels, std::vector<int64_t>& experts) {
-  using V = Vec<acc_t>;
-  const int64_t E = op.E, R = op.R, Rpad = op.Rpad, N = op.N;
-  const int64_t cols = it.n1 - it.n0;
-  const int64_t ld = round_up(cols, V::size);
-  const int64_t p = it.group->adapter;
-  // Pack B^T of every expert some sequence of the group uses: panel e is [R][ld], zero padded.
-  std::vector<char> used(E, 0);
-  for (int64_t s : it.group->seqs)
-    for (int64_t e = 0; e < E; ++e) used[e] |= op.gate(s, e) != acc_t(0);
-  panels.assign(E * R * ld, acc_t(0));
-  std::vector<const acc_t*> panel_of(E, nullptr), at_col(E, nullptr);  // panel of e, at this tile's column
-  for (int64_t e = 0; e < E; ++e) {
-    if (!used[e]) continue;
-    acc_t* panel = panels.data() + e * R * ld;
-    const scalar_t* b_rows = op.b_rows(p, e) + it.n0 * R;
-    for (int64_t c = 0; c < cols; ++c)
-      for (int64_t r = 0; r < R; ++r) panel[r * ld + c] = static_cast<acc_t>(b_rows[c * R + r]);
-    panel_of[e] = panel;
+template <typename S, typename A>
+const LoraKernels<S, A>& kernels_of(const KernelTable& t) {
+  if constexpr (std::is_same_v<S, float>) {
+    return t.f32;
+  } else if constexpr (std::is_same_v<S, double>) {
+    return t.f64;
+  } else if constexpr (std::is_same_v<S, bf16_t>) {
+    return t.bf16;
+  } else {
+    return t.f16;
   }
-  for (int64_t s : it.group->seqs) {
-    int64_t na = 0;
-    for (int64_t e = 0; e < E; ++e)
-      if (op.gate(s, e) != acc_t(0)) experts[na++] = e;
-    for (int64_t t = plan.seq_begin(s); t < plan.seq_end(s); t += kPackedRows) {
-      const int mr = static_cast<int>(std::min<int64_t>(kPackedRows, plan.seq_end(s) - t));
-      const acc_t* u_rows[kPackedRows];
-      scalar_t* y_rows[kPackedRows];
-      for (int q = 0; q < mr; ++q) u_rows[q] = op.u_row(t + q, 0);
-      for (int64_t c = 0; c < cols; c += 2 * V::size) {
-        const int n_valid = static_cast<int>(std::min<int64_t>(2 * V::size, cols - c));
-        for (int64_t e = 0; e < E; ++e) at_col[e] = panel_of[e] == nullptr ? nullptr : panel_of[e] + c;
-        for (int q = 0; q < mr; ++q) y_rows[q] = op.y + (t + q) * N + it.n0 + c;
-        if (n_valid > V::size) {
-          packed_expand_any<2>(mr, u_rows, experts.data(), na, at_col.data(), ld, R, Rpad, y_rows, n_valid);
-        } else {
-          packed_expand_any<1>(mr, u_rows, experts.data(), na, at_col.data(), ld, R, Rpad, y_rows, n_valid);
-        }
-      }
-    }
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-void expand_dot(const LoraOperands<scalar_t, acc_t>& op, const LoraPlan& plan, const ExpandItem& it,
-                std::vector<int64_t>& experts) {
-  using V = Vec<acc_t>;
-  const int64_t E = op.E, R = op.R, Rpad = op.Rpad, N = op.N;
-  for (int64_t s : it.group->seqs) {
-    int64_t na = 0;
-    for (int64_t e = 0; e < E; ++e)
-      if (op.gate(s, e) != acc_t(0)) experts[na++] = e;
-    for (int64_t t = plan.seq_begin(s); t < plan.seq_end(s); ++t) {
-      scalar_t* yrow = op.y + t * N;
-      for (int64_t n = it.n0; n < it.n1; n += V::size) {
-        const int nv = static_cast<int>(std::min<int64_t>(V::size, it.n1 - n));
-        V acc[V::size];
-        for (int j = 0; j < V::size; ++j) acc[j] = V::zero();
-        for (int64_t q = 0; q < na; ++q) {
-          const scalar_t* b_rows = op.b_rows(it.group->adapter, experts[q]) + n * R;
-          const acc_t* u = op.u_row(t, experts[q]);
-          for (int64_t r = 0; r < Rpad; r += V::size) {
-            const V uv = V::load(u + r);
-            const int rem = static_cast<int>(std::min<int64_t>(V::size, R - r));
-            if (rem == V::size) {
-              for (int j = 0; j < nv; ++j) acc[j] = fma(V::load(b_rows + j * R + r), uv, acc[j]);
-            } else {
-              for (int j = 0; j < nv; ++j) acc[j] = fma(V::load(b_rows + j * R + r, rem), uv, acc[j]);
-            }
-          }
-        }
-        add_to_row(yrow + n, V::transpose_sum(acc), nv);
-      }
-    }
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-void lora_expand(const LoraOperands<scalar_t, acc_t>& op, const LoraPlan& plan) {
-  RECORD_FUNCTION("milora::lora_expand_cpu", std::vector<c10::IValue>());
-  std::vector<ExpandItem> items;
-  int64_t macs = 0;
-  for (const auto& grp : plan.groups) {
-    int64_t tokens = 0;
-    for (int64_t s : grp.seqs) tokens += plan.seq_end(s) - plan.seq_begin(s);
-    macs += tokens * op.N * op.R;
-    const bool packed = tokens >= kPackedMinTokens;
-    for (int64_t n0 = 0; n0 < op.N; n0 += kExpandCols)
-      items.push_back(ExpandItem{&grp, n0, std::min(n0 + kExpandCols, op.N), packed});
-  }
-  for_items(static_cast<int64_t>(items.size()), macs, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> panels;
-    std::vector<int64_t> experts(op.E);
-    for (int64_t w = begin; w < end; ++w) {
-      if (items[w].packed) {
-        expand_packed(op, plan, items[w], panels, experts);
-      } else {
-        expand_dot(op, plan, items[w], experts);
-      }
-    }
-  });
 }
 
 template <typename scalar_t>
@@ -318,14 +322,21 @@ void add_gated_lora(
     const at::Tensor& gates,   // [S, E] contiguous, accumulation dtype
     const LoraPlan& plan,
     const GatedLoraShape& sh) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const int64_t Rpad = round_up(sh.R, Vec<acc_t>::size);
+  using S = typename KernelStorage<scalar_t>::type;
+  using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  static_assert(sizeof(S) == sizeof(scalar_t));
+  const KernelTable& table = active_kernels();
+  const LoraKernels<S, A>& kern = kernels_of<S, A>(table);
+  const int64_t Rpad = round_up(sh.R, std::is_same_v<A, double> ? table.lanes64 : table.lanes32);
   at::Tensor u = at::empty({sh.T, sh.E, Rpad}, x.options().dtype(gates.scalar_type()));
-  const LoraOperands<scalar_t, acc_t> op{
-      x.data_ptr<scalar_t>(), lora_a.data_ptr<scalar_t>(), lora_b.data_ptr<scalar_t>(), gates.data_ptr<acc_t>(),
-      u.data_ptr<acc_t>(), y.data_ptr<scalar_t>(), sh.K, sh.N, sh.E, sh.R, Rpad};
-  lora_shrink(op, plan);
-  lora_expand(op, plan);
+  const A* g = gates.data_ptr<A>();
+  const LoraOperands<S, A> op{
+      reinterpret_cast<const S*>(x.data_ptr<scalar_t>()), reinterpret_cast<const S*>(lora_a.data_ptr<scalar_t>()),
+      reinterpret_cast<const S*>(lora_b.data_ptr<scalar_t>()), g, u.data_ptr<A>(),
+      reinterpret_cast<S*>(y.data_ptr<scalar_t>()), sh.T, sh.K, sh.N, sh.E, sh.R, Rpad};
+  const ActiveExperts<A> act(plan, g, sh.S, sh.E);
+  lora_shrink(op, token_lists(plan, act, sh.E), kern);
+  lora_expand(op, plan, act, kern);
 }
 
 at::Tensor gated_lora_linear_cpu(

@@ -1,0 +1,96 @@
+// Runtime CPU-capability dispatch of the hand-written LoRA kernels, the way ATen does it:
+// one kernel source (cpu/lora_kernels.h) is compiled once per instruction-set level, each
+// copy in its own namespace and translation unit (cpu/isa_*.cpp), and the level is chosen
+// once per process from cpuid (MILORA_CPU_CAPABILITY can force a lower one).
+//
+// This header is shared by code compiled for the baseline ISA and by the per-level units, so
+// it holds only plain data and declarations: an inline function here could be emitted with
+// AVX-512 instructions by one unit and picked by the linker for all of them.
+#pragma once
+
+#include <cstdint>
+
+namespace milora::cpu {
+
+// Storage of the 16-bit dtypes as seen by the kernels (layout of c10::BFloat16 / c10::Half;
+// the kernel units convert without c10 so that no c10 inline function is compiled per level).
+struct bf16_t {
+  uint16_t bits;
+};
+struct f16_t {
+  uint16_t bits;
+};
+
+enum class CpuCapability : int {
+  kDefault = 0,     // no ISA extension beyond x86-64 (SSE2), or a non-x86 machine
+  kAvx2 = 1,        // AVX2 + FMA + F16C
+  kAvx512 = 2,      // AVX-512 F/BW/VL/DQ
+  kAvx512Bf16 = 3,  // + AVX-512-BF16 (bfloat16 dot products and conversions)
+};
+constexpr int kNumCapabilities = 4;
+
+// One shrink work item: raw dot products, no gate (applied when the U rows are finalised),
+//   out[t * E * Rpad + e * Rpad + r] = sum_{k0 <= k < k1} x[t, k] * A[e, r, k]
+// for the tokens t = tokens[i0 .. i1) and
+//   packed items: every expert e of experts[0 .. ne) and every r < Rpad (lanes r >= R get 0);
+//   dot items:    the one expert experts[0] and the rank rows r0 <= r < r1.
+template <typename S, typename A>
+struct ShrinkJob {
+  const S* x;              // [T, K]
+  const S* a;              // [E, R, K]: the adapter's experts
+  A* out;                  // [T, E, Rpad]
+  A* scratch;              // packed: room for ne * (k1 - k0) * Rpad values
+  const int64_t* tokens;   // token indices
+  const int64_t* experts;  // expert indices
+  int64_t K, E, R, Rpad;
+  int64_t i0, i1, ne, r0, r1, k0, k1;
+};
+
+// One expand work item: for each sequence s of seqs, each of its tokens t and the columns
+// n0 <= n < n1,  y[t, n] += sum over s's active experts e of sum_{r < R} B[e, n, r] * u[t, e, r].
+template <typename S, typename A>
+struct ExpandJob {
+  const S* b;                   // [E, N, R]: the adapter's experts
+  const A* u;                   // [T, E, Rpad], pad lanes 0
+  S* y;                         // [T, N]
+  A* scratch;                   // packed: room for E * R * round_up(n1 - n0, 32) values
+  const int64_t* seqs;          // the sequences of the item
+  const int64_t* offsets;       // [S + 1]
+  const int64_t* seq_experts;   // [S, E]: active experts of sequence s first, ascending
+  const int64_t* seq_nexp;      // [S]: how many
+  const char* used;             // [E]: whether some sequence of seqs uses expert e
+  int64_t nseqs, N, E, R, Rpad;
+  int64_t n0, n1;
+};
+
+template <typename S, typename A>
+struct LoraKernels {
+  void (*shrink_dot)(const ShrinkJob<S, A>&);
+  void (*shrink_packed)(const ShrinkJob<S, A>&);
+  void (*expand_dot)(const ExpandJob<S, A>&);
+  void (*expand_packed)(const ExpandJob<S, A>&);
+};
+
+struct KernelTable {
+  CpuCapability level;
+  int lanes32;  // float32 vector lanes: Rpad is a multiple of this for float accumulation
+  int lanes64;  // float64 vector lanes
+  LoraKernels<float, float> f32;
+  LoraKernels<double, double> f64;
+  LoraKernels<bf16_t, float> bf16;
+  LoraKernels<f16_t, float> f16;
+};
+
+// Defined by cpu/isa_<level>.cpp; nullptr where the level is not compiled (non-x86).
+const KernelTable* kernels_default();
+const KernelTable* kernels_avx2();
+const KernelTable* kernels_avx512();
+const KernelTable* kernels_avx512_bf16();
+
+// cpu/dispatch.cpp
+const KernelTable& active_kernels();          // the table of the level in use
+CpuCapability cpu_capability();               // the level in use
+CpuCapability best_cpu_capability();          // the highest level this machine and build run
+const char* capability_name(CpuCapability c);
+
+}  // namespace milora::cpu

@@ -1,0 +1,121 @@
+"""Every ISA level of the CPU LoRA kernels this machine runs (runtime dispatch, csrc/cpu/isa.h)
+against the plain PyTorch reference, on fresh random inputs; and the level switches."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import milora_ext
+from milora_ext.cpu import LEVELS
+from milora_ext.workloads import MIXES, adapter_mix, make_problem
+
+from op_checks import check_against_reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+SUPPORTED = milora_ext.supported_cpu_capabilities()
+
+
+@pytest.fixture(params=LEVELS)
+def level(request):
+    if request.param not in SUPPORTED:
+        pytest.skip(f"this CPU runs up to {milora_ext.max_cpu_capability()}, not {request.param}")
+    previous = milora_ext.set_cpu_capability(request.param)
+    threads = torch.get_num_threads()
+    # 4 threads even on a 2-core machine: a one-adapter batch has fewer work items than that,
+    # so the shrink's split over K and the expand's narrow column chunks run.
+    torch.set_num_threads(4)
+    try:
+        yield request.param
+    finally:
+        torch.set_num_threads(threads)
+        milora_ext.set_cpu_capability(previous)
+
+
+def run(problem, level):
+    y = milora_ext.gated_lora_linear(*problem.args())
+    assert milora_ext.cpu_capability() == level
+    check_against_reference(y, problem.args())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batches(level, dtype):
+    cases = [
+        ([3, 0, 5, 0, 2], [1, 0, 2, 1, -1], 3),      # empty sequences, adapter -1
+        ([1] * 16, list(range(16)), 16),              # decode, distinct adapters
+        ([1] * 16, [0] * 16, 1),                      # decode, 16 sequences sharing one adapter (K split)
+        ([100, 37, 64], [2, 0, 1], 3),                # prefill (packed tiles)
+        ([200, 1, 1, 1, 1, 3], [0, 1, 2, 3, 0, -1], 4),  # skewed lengths
+    ]
+    for i, (lens, ids, P) in enumerate(cases):
+        run(make_problem(lens, ids, K=1100, N=83, P=P, E=2, R=8, active_experts=1 + i % 2, dtype=dtype, seed=i), level)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_odd_sizes_ranks_experts(level, dtype):
+    # K, N and R off every vector width (and K below / above the 32-element bf16 dot step)
+    shapes = [(257, 129, 5, 3), (31, 17, 33, 2), (70, 40, 3, 70)]
+    if dtype != torch.float64:
+        # (float64: op_checks' floor of 4 ulp is below the summation-order difference of the
+        # base GEMM's 1029-long dot products, on every level alike)
+        shapes.append((1029, 45, 16, 1))
+    for K, N, R, E in shapes:
+        run(make_problem([3, 1, 19, 1, 23], [0, 1, 0, 2, -1], K=K, N=N, P=3, E=E, R=R,
+                         active_experts=max(1, E // 2), dtype=dtype, seed=K + R), level)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mix", MIXES)
+def test_popularity_mixes(level, dtype, mix):
+    g = torch.Generator().manual_seed(3)
+    ids = adapter_mix(24, 8, mix, g)
+    for tokens_per_seq in (1, 9):
+        run(make_problem([tokens_per_seq] * 24, ids, K=600, N=97, P=8, E=4, R=16, active_experts=2,
+                         dtype=dtype, seed=11 + tokens_per_seq), level)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_gates_and_base_rows_are_exactly_base(level, dtype):
+    p = make_problem([4, 2, 7, 3], [0, 1, 0, -1], K=640, N=48, P=2, E=3, R=8, active_experts=2, dtype=dtype)
+    p.gates[1] = 0  # sequence 1: all gates zero
+    y = milora_ext.gated_lora_linear(*p.args())
+    base = torch.nn.functional.linear(p.x, p.weight, p.bias)
+    torch.testing.assert_close(y[4:6], base[4:6], rtol=0, atol=0)
+    torch.testing.assert_close(y[13:], base[13:], rtol=0, atol=0)
+    check_against_reference(y, p.args())
+
+
+def test_levels_agree_on_one_adapter_decode():
+    # float32, one shared adapter: every level within float32 rounding of the others
+    p = make_problem([1] * 16, [0] * 16, K=4096, N=256, P=1, E=1, R=16, dtype=torch.float32, seed=5)
+    previous = milora_ext.cpu_capability()
+    try:
+        ys = {}
+        for lv in SUPPORTED:
+            milora_ext.set_cpu_capability(lv)
+            ys[lv] = milora_ext.gated_lora_linear(*p.args())
+    finally:
+        milora_ext.set_cpu_capability(previous)
+    for lv, y in ys.items():
+        torch.testing.assert_close(y, ys["default"], rtol=1e-5, atol=1e-4, msg=lambda m: f"level {lv}: {m}")
+
+
+def test_set_cpu_capability_rejects_unknown_levels():
+    with pytest.raises(ValueError, match="not one of"):
+        milora_ext.set_cpu_capability("avx9000")
+    above = LEVELS[len(SUPPORTED):]
+    for lv in above:
+        with pytest.raises(ValueError, match="above what this CPU"):
+            milora_ext.set_cpu_capability(lv)
+
+
+def test_environment_variable_forces_a_lower_level():
+    code = "import milora_ext; print(milora_ext.cpu_capability(), milora_ext.max_cpu_capability())"
+    env = dict(os.environ, MILORA_CPU_CAPABILITY="default")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["default", milora_ext.max_cpu_capability()]
+    env["MILORA_CPU_CAPABILITY"] = "bogus"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [milora_ext.max_cpu_capability()] * 2
+    assert "MILORA_CPU_CAPABILITY=bogus" in out.stderr
