@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -88,9 +89,13 @@ def test_generate_main_writes_records(tmp_path):
     for r in records:
         assert r["tokens"] == 2 * 2 and r["tokens_per_s"] > 0
         assert r["peak_mb"] > 0 and r["weights_mb"] > 0
-        assert r["floor_ratio"] is None
+        # e2e byte floor: (base + distinct adapter bytes per decode step) / base bytes
+        assert r["byte_floor_speed"] == pytest.approx(1 / r["floor_ratio"])
         if r["method"] == "base":
+            assert r["floor_ratio"] == 1.0
             assert r["speed_vs_base"] == pytest.approx(1.0)
+        else:
+            assert r["floor_ratio"] > 1.0 and r["step_adapter_mb"] > 0
         if r["method"] == "moelora":
             assert r["speed_vs_moelora"] == pytest.approx(1.0) and r["experts"] == 8
 
@@ -165,3 +170,37 @@ def test_progress_bar_draws_and_clears():
     with Progress(4, stream=quiet) as bar:  # not a terminal: silent
         bar.step()
     assert quiet.getvalue() == ""
+
+
+def test_generate_byte_floor_of_tiny_by_hand():
+    # tiny: d=512, ffn=1408, 4 layers, vocab 4096 (untied): a step reads every linear + lm_head
+    # + norms, not the embedding table; MiLoRA: 8 adapters x 4 layers x top-3 modules of mean size
+    from milora.bench import generate as gen
+    from milora.bench.models import build_model
+
+    base = build_model("tiny", torch.bfloat16, "cpu", seed=0)
+    d, f, L, V = 512, 1408, 4, 4096
+    linears = L * (4 * d * d + 3 * d * f) + d * V
+    norms = (2 * L + 1) * d
+    assert gen.base_decode_bytes(base) == 2 * (linears + norms)
+    s = gen.GenSettings()
+    shapes = gen.module_shapes(base)
+    mean_module = (4 * (d + d) + 3 * (d + f)) / 7
+    assert gen.adapter_decode_bytes("milora", s, shapes, 2) == int(2 * 8 * L * 3 * 32 * mean_module)
+    assert gen.adapter_decode_bytes("lora", s, shapes, 2) == 2 * 8 * L * 32 * (4 * (d + d) + 3 * (d + f))
+    assert gen.adapter_decode_bytes("base", s, shapes, 2) == 0
+
+
+def test_generate_targets_judge_against_the_byte_floor():
+    from milora.bench import generate as gen
+
+    def rec(speed, floor, moe):
+        return dict(method="milora", beams=1, speed_vs_base=speed, byte_floor_speed=floor, floor_ratio=1 / floor,
+                    speed_vs_moelora=moe, step_adapter_mb=8.0, step_base_mb=30.0, new_tokens=16,
+                    base_median_ms=100.0, median_ms=100.0 / speed, linears_per_step=28)
+
+    text = "\n".join(gen.target_lines([rec(0.76, 0.79, 1.5)]))
+    assert "goal >= floor - 0.05 = 0.74: met" in text and "does not apply: the byte floor 0.79 < 0.9" in text
+    assert "MISSED" not in text
+    text = "\n".join(gen.target_lines([rec(0.80, 0.95, 1.1)]))
+    assert text.count("MISSED") == 3 and "why:" in text and "above the byte floor" in text

@@ -328,11 +328,18 @@ void add_gated_lora(
   const KernelTable& table = active_kernels();
   const LoraKernels<S, A>& kern = kernels_of<S, A>(table);
   const int64_t Rpad = round_up(sh.R, std::is_same_v<A, double> ? table.lanes64 : table.lanes32);
-  at::Tensor u = at::empty({sh.T, sh.E, Rpad}, x.options().dtype(gates.scalar_type()));
+  // U scratch [T, E, Rpad]: a buffer kept per calling thread for decode-sized calls (no
+  // allocation per step); large prefills get their own, freed on return.
+  constexpr size_t kKeptScratch = size_t(1) << 20;  // elements
+  const size_t u_size = static_cast<size_t>(sh.T * sh.E * Rpad);
+  thread_local std::vector<A> kept;
+  std::vector<A> own;
+  std::vector<A>& u_buffer = u_size <= kKeptScratch ? kept : own;
+  if (u_buffer.size() < u_size) u_buffer.resize(u_size);
   const A* g = gates.data_ptr<A>();
   const LoraOperands<S, A> op{
       reinterpret_cast<const S*>(x.data_ptr<scalar_t>()), reinterpret_cast<const S*>(lora_a.data_ptr<scalar_t>()),
-      reinterpret_cast<const S*>(lora_b.data_ptr<scalar_t>()), g, u.data_ptr<A>(),
+      reinterpret_cast<const S*>(lora_b.data_ptr<scalar_t>()), g, u_buffer.data(),
       reinterpret_cast<S*>(y.data_ptr<scalar_t>()), sh.T, sh.K, sh.N, sh.E, sh.R, Rpad};
   const ActiveExperts<A> act(plan, g, sh.S, sh.E);
   lora_shrink(op, token_lists(plan, act, sh.E), kern);
@@ -353,17 +360,24 @@ at::Tensor gated_lora_linear_cpu(
       check_gated_lora_args(op, x, weight, bias, lora_a, lora_b, seq_offsets, adapter_ids, gates);
   check_index_values(op, seq_offsets, adapter_ids, sh.T, sh.P);
 
-  const auto x2 = x.reshape({sh.T, sh.K}).contiguous();   // [T, K]
-  auto y = at::linear(x2, weight, bias).contiguous();     // [T, N]
-  const auto gates_acc = gates.to(accumulate_type(x.scalar_type())).contiguous();  // [S, E]
+  // Per-call work beyond the base GEMM is kept to what a decode step needs: views and dtype
+  // conversions only when the inputs are not already in the kernels' layout (the module layer
+  // passes them so), no ATen op on the index tensors (read in place by the plan).
+  const bool flat = x.dim() == 2 && x.is_contiguous();
+  const at::Tensor x2 = flat ? x : x.reshape({sh.T, sh.K}).contiguous();  // [T, K]
+  at::Tensor y = at::linear(x2, weight, bias);                              // [T, N]
+  if (!y.is_contiguous()) y = y.contiguous();
+  const at::ScalarType acc = accumulate_type(x.scalar_type());
+  const at::Tensor gates_acc = gates.scalar_type() == acc && gates.is_contiguous() ? gates : gates.to(acc).contiguous();  // [S, E]
   const LoraPlan plan = plan_by_adapter(seq_offsets, adapter_ids, &gates_acc);
   if (!plan.groups.empty()) {
-    const auto a = lora_a.contiguous();  // [P, E, R, K]
-    const auto b = lora_b.contiguous();  // [P, E, N, R]
+    const c10::MaybeOwned<at::Tensor> a = lora_a.expect_contiguous();  // [P, E, R, K]
+    const c10::MaybeOwned<at::Tensor> b = lora_b.expect_contiguous();  // [P, E, N, R]
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gated_lora_linear_cpu", [&] {
-      add_gated_lora<scalar_t>(y, x2, a, b, gates_acc, plan, sh);
+      add_gated_lora<scalar_t>(y, x2, *a, *b, gates_acc, plan, sh);
     });
   }
+  if (flat) return y;
   auto out_shape = x.sizes().vec();
   out_shape.back() = sh.N;
   return y.view(out_shape);

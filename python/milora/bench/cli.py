@@ -223,9 +223,10 @@ def _generate(args, device) -> List[Dict]:
 
 
 def _all(args, device) -> List[Dict]:
-    """The quick default: layer preset quick, then generate preset quick."""
+    """The quick default: layer preset quick (caches flushed before every timed call, the
+    condition the layer targets are defined under), then generate preset quick."""
     lp = build_parser()
-    largs = lp.parse_args(["layer", "--preset", "quick"])
+    largs = lp.parse_args(["layer", "--preset", "quick", "--cache-flush"])
     largs.progress = args.progress
     gargs = lp.parse_args(["generate", "--preset", "quick"])
     gargs.progress = args.progress

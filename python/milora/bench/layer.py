@@ -141,7 +141,42 @@ def run(sw: LayerSweep, device, *, l2_flush: bool = False, progress: Optional[bo
                 )
                 records.append(rec)
                 printer(format_row(rec))
+    for line in target_lines(records):
+        printer(line)
     return records
+
+
+# The issue's targets for the fused op (MiLoRA) in the layer bench: decode within DECODE_SLACK of
+# its byte floor; prefill at most PREFILL_GOAL x base and faster than the PEFT-style loop.
+DECODE_SLACK = 0.10
+PREFILL_GOAL = 1.05
+
+
+def target_lines(records: List[Dict]) -> List[str]:
+    """Met / MISSED per case for the fused op, with the measured ratio and what it is judged against."""
+    lines = []
+    by_case: Dict[tuple, Dict[str, Dict]] = {}
+    for r in records:
+        key = tuple(r[k] for k in ("phase", "K", "N", "dtype", "tokens", "seqs", "adapters", "mix", "rank", "experts",
+                                   "active_experts"))
+        by_case.setdefault(key, {})[r["method"]] = r
+    for key, ms in by_case.items():
+        r = ms.get("milora")
+        if r is None or r["ratio_to_base"] is None:
+            continue
+        case = f"{r['phase']} T={r['tokens']} S={r['seqs']} P={r['adapters']} {r['mix']} E={r['experts']}"
+        v = r["ratio_to_base"]
+        if r["phase"] == "decode" and r["floor_ratio"] is not None:
+            goal = r["floor_ratio"] + DECODE_SLACK
+            lines.append(f"target ({case}): fused = {v:.2f}x base time, goal <= byte floor {r['floor_ratio']:.3f} + "
+                         f"{DECODE_SLACK} = {goal:.2f}: {'met' if v <= goal else 'MISSED'}")
+        elif r["phase"] == "prefill":
+            loop = ms.get("peft_loop")
+            ok = v <= PREFILL_GOAL and (loop is None or v < loop["ratio_to_base"])
+            vs_loop = f", PEFT-style loop {loop['ratio_to_base']:.2f}x" if loop is not None else ""
+            lines.append(f"target ({case}): fused = {v:.2f}x base time (goal <= {PREFILL_GOAL} and below the loop"
+                         f"{vs_loop}): {'met' if ok else 'MISSED'}")
+    return lines
 
 
 TABLE_HEADER = ("| phase | K x N | dtype | T | S | P | mix | R | E (k) | method | median ms | min-max ms | x base | byte floor |\n"

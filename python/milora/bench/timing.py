@@ -137,10 +137,35 @@ def environment(device: torch.device, dtype: Optional[torch.dtype] = None) -> Di
         env["cuda"] = torch.version.cuda
     else:
         env["device_name"] = _cpu_name()
-        env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # ATen's level (base GEMM side)
+        env["milora_cpu_kernels"] = _milora_cpu_level()                  # our LoRA kernels' level
+        env["cpu_flags"] = _cpu_flags()
     if dtype is not None:
         env["dtype"] = str(dtype).replace("torch.", "")
     return env
+
+
+def _milora_cpu_level() -> str:
+    try:
+        import milora_ext
+
+        return milora_ext.cpu_capability()
+    except Exception as e:  # an old build without the query
+        return f"unknown ({type(e).__name__})"
+
+
+def _cpu_flags() -> str:
+    """The SIMD flags that decide which kernels run (from /proc/cpuinfo; '' elsewhere)."""
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_tile")
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return " ".join(w for w in wanted if w in have)
+    except OSError:
+        pass
+    return ""
 
 
 def _cpu_name() -> str:
