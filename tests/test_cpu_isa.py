@@ -44,7 +44,8 @@ def test_batches(level, dtype):
     cases = [
         ([3, 0, 5, 0, 2], [1, 0, 2, 1, -1], 3),      # empty sequences, adapter -1
         ([1] * 16, list(range(16)), 16),              # decode, distinct adapters
-        ([1] * 16, [0] * 16, 1),                      # decode, 16 sequences sharing one adapter (K split)
+        ([1] * 16, [0] * 16, 1),                      # decode, 16 sequences sharing one adapter (K split, packed)
+        ([1], [0], 1),                                # one token, one adapter (K split, dot tiles)
         ([100, 37, 64], [2, 0, 1], 3),                # prefill (packed tiles)
         ([200, 1, 1, 1, 1, 3], [0, 1, 2, 3, 0, -1], 4),  # skewed lengths
     ]
