@@ -41,7 +41,7 @@ from .memory import peak_during, tensor_bytes
 from .models import PRESETS as MODEL_PRESETS
 from .models import build_model
 from .progress import Progress
-from .timing import paired_ratio, time_interleaved
+from .timing import noise_note, paired_ratio, paired_ratio_spread, time_interleaved
 
 METHODS = ("base", "lora", "peft", "peft_single", "moelora", "milora_ref", "milora")
 LABELS = {
@@ -494,6 +494,7 @@ def run(s: GenSettings, device, dtype: torch.dtype, *, progress: Optional[bool] 
                     weights = tensor_bytes(m.model)
                     tokens = s.batch * s.new_tokens
                     step_adapter_bytes = adapter_decode_bytes(n, s, shapes, elt)
+                    q1, q3 = paired_ratio_spread(tm, base) if base is not None else (None, None)
                     records.append(dict(
                         bench="generate", method=n, label=LABELS[n], device=str(device),
                         dtype=str(dtype).replace("torch.", ""), model=s.model, tokens=tokens, seqs=s.batch,
@@ -503,6 +504,7 @@ def run(s: GenSettings, device, dtype: torch.dtype, *, progress: Optional[bool] 
                         median_ms=tm.median_ms, min_ms=tm.min_ms, max_ms=tm.max_ms, repeats=reps,
                         tokens_per_s=tokens / (tm.median_ms / 1e3),
                         ratio_to_base=paired_ratio(tm, base) if base is not None else None,
+                        ratio_q1=q1, ratio_q3=q3,
                         speed_vs_base=1 / paired_ratio(tm, base) if base is not None else None,
                         speed_vs_moelora=1 / paired_ratio(tm, moe) if moe is not None else None,
                         # e2e byte floor: decode time / base time >= (base + adapter bytes) / base bytes
@@ -564,9 +566,12 @@ MOE_GOAL = 1.2
 
 def _excess_line(r: Dict) -> str:
     """Why a byte-floor target is missed, in one line: the time per step above the floor, per linear."""
-    if not r.get("base_median_ms"):
-        return ""
+    noisy = noise_note(r)
+    if noisy or not r.get("base_median_ms"):
+        return noisy
     steps = r["new_tokens"]
+    if r.get("floor_ratio") is None:
+        return ""
     floor_ms = r["base_median_ms"] * r["floor_ratio"]
     excess_us = (r["median_ms"] - floor_ms) / steps * 1e3
     per_linear = excess_us / max(r["linears_per_step"], 1)
@@ -605,6 +610,8 @@ def target_lines(records: List[Dict]) -> List[str]:
             ok = m >= MOE_GOAL
             lines.append(f"target (beam {b}): MiLoRA fused = {m:.2f}x MOELoRA tokens/s (goal >= {MOE_GOAL}x): "
                          f"{'met' if ok else 'MISSED'}")
+            if not ok:
+                lines.append(_excess_line(r))
     return lines
 
 

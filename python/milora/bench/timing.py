@@ -12,7 +12,7 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Tuple, Callable, Dict, List, Optional
 
 import torch
 
@@ -120,6 +120,29 @@ def paired_ratio(a: Timing, b: Timing) -> float:
     calls made moments apart; its median shrugs off drift between rounds (other tenants of
     the machine, clock changes) that the ratio of the two medians would absorb."""
     return statistics.median(x / y for x, y in zip(a.samples, b.samples))
+
+
+def paired_ratio_spread(a: Timing, b: Timing) -> Tuple[float, float]:
+    """Lower and upper quartiles of the per-round ratios of paired_ratio: how much the rounds
+    disagree (wide on a busy machine)."""
+    r = sorted(x / y for x, y in zip(a.samples, b.samples))
+    if len(r) < 2:
+        return (r[0], r[0]) if r else (float("nan"), float("nan"))
+    q = statistics.quantiles(r, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+# Quartile spread of paired ratios above which a missed target is reported as a busy machine.
+NOISY_SPREAD = 0.10
+
+
+def noise_note(rec: Dict) -> str:
+    """'' or one line saying the rounds disagreed too much for the verdict to be trusted."""
+    lo, hi = rec.get("ratio_q1"), rec.get("ratio_q3")
+    if lo is None or hi is None or not hi - lo > NOISY_SPREAD:
+        return ""
+    return (f"  why: the machine was busy: per-round paired ratios spread {lo:.2f}-{hi:.2f} (quartiles) "
+            f"over {rec.get('repeats')} rounds; rerun on an idle machine (more --repeats)")
 
 
 def environment(device: torch.device, dtype: Optional[torch.dtype] = None) -> Dict[str, object]:
