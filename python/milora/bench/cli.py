@@ -4,6 +4,7 @@ generate benchmark, with an environment header, markdown tables, --json and --pl
     milora-bench                      quick default: the headline rows of both benches (~2 min on 2 CPU cores)
     milora-bench layer [options]      one linear layer, every method (see milora.bench.methods)
     milora-bench generate [options]   tokens/s of a LLaMA-style decoder, B tenants (see milora.bench.generate)
+    milora-bench quality [options]    LoRA vs MOELoRA vs MiLoRA quality at equal budgets (see milora.bench.quality)
 
 See docs/benchmarks.md.
 """
@@ -24,7 +25,7 @@ from .timing import environment, format_env
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-SUBCOMMANDS = ("layer", "generate", "all")
+SUBCOMMANDS = ("layer", "generate", "quality", "all")
 
 
 # ---- argument types (each raises a message argparse prints as a usage error) -------------
@@ -163,13 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="milora-bench", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Run `milora-bench SUBCOMMAND -h` for the options of each bench.")
-    sub = ap.add_subparsers(dest="command", metavar="{layer,generate,all}")
+    sub = ap.add_subparsers(dest="command", metavar="{layer,generate,quality,all}")
     p_layer = sub.add_parser("layer", help="one linear layer, every method (see docs/benchmarks.md)")
     _layer_args(p_layer)
     _common(p_layer)
     p_gen = sub.add_parser("generate", help="multi-tenant generation tokens/s (the paper's Table 4)")
     _generate_args(p_gen)
     _common(p_gen)
+    from . import quality as quality_bench  # hook for the quality bench (its code lives in quality*.py)
+    p_q = sub.add_parser("quality", help="multi-task quality: LoRA vs MOELoRA vs MiLoRA at equal budgets (docs/training.md)",
+                         description=quality_bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    quality_bench.add_args(p_q)
+    _common(p_q)
     p_all = sub.add_parser("all", help="the quick default: headline rows of both benches (what no arguments runs)")
     _common(p_all)
     return ap
@@ -246,7 +252,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = _resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    runner = {"layer": _layer, "generate": _generate, "all": _all}[args.command]
+    from . import quality as quality_bench
+    runner = {"layer": _layer, "generate": _generate, "quality": quality_bench.run_cli, "all": _all}[args.command]
     records = runner(args, device)
     if args.json:
         with open(args.json, "w") as f:
@@ -254,7 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"wrote {len(records)} records to {args.json}")
     if args.plot:
         from .plot import write_plot
-        write_plot(records, args.plot)
+        (quality_bench.write_plot if args.command == "quality" else write_plot)(records, args.plot)
         print(f"wrote plot {args.plot}")
     return 0
 
