@@ -39,13 +39,15 @@ def test_interference_tasks_conflict_everywhere():
 
 def test_quality_smoke_every_method(tmp_path, capsys):
     from milora.bench.cli import main
-    out = tmp_path / "q.json"
+    pytest.importorskip("matplotlib")
+    out, png = tmp_path / "q.json", tmp_path / "q.png"
     torch.manual_seed(0)
     rc = main(["quality", "--model", "micro", "--cache-dir", str(tmp_path), "--mixes", "interference",
                "--steps", "20", "--eval-at", "10", "--eval-per-task", "4", "--rank", "4", "--batch", "8",
-               "--json", str(out), "--no-progress", "--threads", "1"])
+               "--json", str(out), "--plot", str(png), "--no-progress", "--threads", "1"])
     assert rc == 0
     recs = json.loads(out.read_text())
+    assert png.stat().st_size > 10_000  # accuracy bars, learning curves, routing heat map
     text = capsys.readouterr().out
     assert "trainable parameters" in text and "| perm_a |" in text
     assert {r["method"] for r in recs} == {"lora", "static", "moelora", "milora"}
