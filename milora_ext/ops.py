@@ -78,6 +78,15 @@ def gated_lora_linear(
             y[t] = weight @ x[t] + bias
                    + sum_e gates[s, e] * lora_b[p, e] @ (lora_a[p, e] @ x[t])   (no LoRA term if p == -1)
 
+    Tenant isolation (a guaranteed property, on every device and path): y[t] depends only on
+    x[t], weight, bias and the experts e of token t's own adapter p whose gate gates[s, e] is
+    non-zero. Another sequence's adapter, an unused slot, or an expert whose gate is 0 for
+    s is never multiplied into y[t], so NaN / Inf there cannot reach it (no 0 * Inf = NaN),
+    and y[t] is bit-identical whatever those values are. In the backward, dx[t] likewise
+    never depends on another adapter (dweight and dbias sum over all tokens, as in any
+    shared linear layer). Tested in tests/test_op_isolation.py (CPU) and, for every CUDA
+    path, tests/test_cuda_emulated.py / tests/test_cuda_gated_lora_linear.py.
+
     Returns:
         y: [..., N] in x's dtype.
 

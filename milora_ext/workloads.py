@@ -112,3 +112,75 @@ def make_problem(
         adapter_ids=torch.tensor(list(adapter_ids), dtype=index_dtype, device=device),
         gates=gates.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32),
     )
+
+
+# Adapter slot of sequence s in the tenant-isolation problems (cycled): 0 and 2 are healthy
+# tenants (0 with a poisoned expert whose gate is 0 in all its sequences), 1 is a tenant whose
+# whole adapter (and input rows) are non-finite, -1 is base only, 3 has a poisoned expert that
+# is off (gate 0) in some of its sequences and on in others. Slot 4 is used by no sequence
+# and is poisoned too.
+_ISOLATION_IDS = (0, 1, -1, 2, 3)
+
+
+def tenant_isolation_problem(
+    seq_lens: Sequence[int],
+    *,
+    poison: float,
+    K: int = 40,
+    N: int = 36,
+    E: int = 3,
+    R: int = 16,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    seed: int = 0,
+):
+    """A batch where some tenants' weights are non-finite, for the tenant-isolation property
+    of gated_lora_linear: a token's output depends only on x[t], the base weights and the
+    experts of its own adapter whose gate is non-zero.
+
+    Returns (poisoned, clean, protected): two Problems that differ only in values the
+    protected tokens must not depend on, and the list of those tokens. A kernel has the
+    property when y(poisoned)[protected] == y(clean)[protected] bit for bit (and it is
+    deterministic). Poisoned with `poison` (NaN, +Inf or -Inf):
+      - slot 1 entirely (lora_a, lora_b) and the x rows of its tokens: another tenant;
+      - expert 1 of slot 0, whose gate is 0 in every sequence of slot 0;
+      - expert 0 of slot 3, whose gate is 0 in every other sequence of slot 3 (the sequences
+        where it is on are not protected: they read it);
+      - slot 4, used by no sequence.
+    """
+    S = len(seq_lens)
+    ids = [_ISOLATION_IDS[s % len(_ISOLATION_IDS)] for s in range(S)]
+    clean = make_problem(seq_lens, ids, K=K, N=N, P=5, E=E, R=R, dtype=dtype, device=device, seed=seed)
+    gates = clean.gates.clone()
+    offsets = clean.seq_offsets.tolist()
+    if E < 2:
+        raise ValueError(f"tenant_isolation_problem needs E >= 2 experts, got {E}")
+    protected, slot3_count = [], 0
+    for s, p in enumerate(ids):
+        shielded = True
+        if p == 0:
+            gates[s, 1] = 0.0
+        elif p == 1:
+            shielded = False
+        elif p == 3:
+            if slot3_count % 2 == 0:
+                gates[s, 0] = 0.0
+            else:
+                shielded = False
+            slot3_count += 1
+        if shielded:
+            protected.extend(range(offsets[s], offsets[s + 1]))
+    clean.gates = gates
+    bad = Problem(*[None if t is None else t.clone() for t in clean.args()])
+    for s, p in enumerate(ids):
+        if p == 1:
+            bad.x[offsets[s]:offsets[s + 1]] = poison
+    bad.lora_a[1] = poison
+    bad.lora_b[1] = poison
+    bad.lora_a[0, 1] = poison
+    bad.lora_b[0, 1] = poison
+    bad.lora_a[3, 0] = poison
+    bad.lora_b[3, 0] = poison
+    bad.lora_a[4] = poison
+    bad.lora_b[4] = poison
+    return bad, clean, protected

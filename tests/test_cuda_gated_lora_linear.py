@@ -20,6 +20,7 @@ import torch
 
 import milora_ext
 import _cuda_cases as cc
+from milora_ext.workloads import tenant_isolation_problem
 
 DEVICE = os.environ.get("MILORA_CUDA_TEST_DEVICE", "cuda")
 ON_CUDA = DEVICE == "cuda"
@@ -142,6 +143,26 @@ def test_misaligned_pointers_use_the_scalar_path(dtype, T):
         view.copy_(t)
         case[key] = view
     cc.check_close(run_op(case), case, f"misaligned T={T}")
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
+@pytest.mark.parametrize("lens", [[1] * 10, [3, 1, 9, 2, 6, 1, 12, 4, 2, 5], [5, 7, 3, 40, 9, 2, 13, 1, 20, 30]],
+                         ids=["decode", "decode_multi", "prefill"])
+@pytest.mark.parametrize("switch", [None] + list(SWITCHES))
+def test_tenant_isolation(monkeypatch, switch, lens, dtype, poison):
+    """NaN / Inf in another tenant's adapter and input rows, in an unused slot and in experts
+    whose gate is 0 leave every other token's output bit-identical, on every path."""
+    if switch is not None:
+        if not ON_CUDA:
+            pytest.skip("CUDA tuning switch")
+        for k, v in SWITCHES[switch].items():
+            monkeypatch.setenv(k, v)
+    bad, clean, protected = tenant_isolation_problem(lens, poison=poison, dtype=dtype, device=DEVICE, seed=7)
+    y_clean = milora_ext.gated_lora_linear(*clean.args())
+    cc.check_close(y_clean, dict(zip(cc.ARG_NAMES, clean.args())), f"isolation clean {switch}")
+    y_bad = milora_ext.gated_lora_linear(*bad.args())
+    assert torch.equal(y_bad[protected], y_clean[protected]), f"{switch}: a poisoned adapter reached another token"
 
 
 def test_deterministic():

@@ -20,8 +20,16 @@
 //
 // Segments: a warp runs one pass per distinct adapter among its 16 tokens (warp-uniform via
 // ballots; one pass in long sequences), and inside a pass only the experts with a non-zero
-// gate for one of the pass's tokens. U rows of other tokens are zero-filled, and their
-// contributions are selected away, never multiplied by 0 (no NaN leaks between tokens).
+// gate for one of the pass's tokens.
+//
+// Tenant isolation. The mma multiplies all 16 token rows of the warp by the same lora_b
+// rows, so the rows of tokens that are not active for (pass adapter, expert) -- another
+// adapter's tokens, base-only tokens, tokens whose gate for this expert is 0 -- are
+// multiplied through with zero U, and 0 x Inf = NaN: an Inf / NaN in that slab would reach
+// them. So each (pass, expert) accumulates into its own tile `part`, and a row takes `part`
+// into its sum only when it is active for that expert: a select, never a multiplication by
+// 0. A token's output therefore depends only on its own adapter's experts with a non-zero
+// gate (as in the decode and float32 kernels), whatever the other slabs hold.
 #include "cuda/common.cuh"
 
 namespace milora::cuda {
@@ -129,6 +137,11 @@ __global__ void __launch_bounds__(kExpandTcThreads) milora_expand_tc_kernel(cons
       const float* uA = a.U + (tA * E + e) * R;  // read only when actA (then tA < T)
       const float* uB = a.U + (tB * E + e) * R;
       const scalar_t* slab = Bw + (static_cast<int64_t>(p) * E + e) * N * R;
+      float part[kWarpTiles][4];  // this expert's contribution (see "Tenant isolation")
+#pragma unroll
+      for (int j = 0; j < kWarpTiles; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) part[j][c] = 0.f;
       for (int64_t r0 = 0; r0 < R; r0 += 16) {
         const int64_t r = r0 + 4 * q;
         // The gate is folded into U in float32 (inactive rows are zero-filled, not scaled).
@@ -155,9 +168,17 @@ __global__ void __launch_bounds__(kExpandTcThreads) milora_expand_tc_kernel(cons
           int64_t n = n_base + 8 * j + g;
           n = n < N ? n : N - 1;  // columns past N: a valid row of lora_b, result dropped
           const uint2 bv = load_b4<scalar_t>(slab + n * R, r, R, vec_b);
-          mma16816<scalar_t>(acc[j], h0, h1, h2, h3, bv.x, bv.y);
-          mma16816<scalar_t>(acc[j], l0, l1, l2, l3, bv.x, bv.y);
+          mma16816<scalar_t>(part[j], h0, h1, h2, h3, bv.x, bv.y);
+          mma16816<scalar_t>(part[j], l0, l1, l2, l3, bv.x, bv.y);
         }
+      }
+      // C fragment: part[j][0..1] is row g (token A), part[j][2..3] row g + 8 (token B).
+#pragma unroll
+      for (int j = 0; j < kWarpTiles; ++j) {
+        acc[j][0] += actA ? part[j][0] : 0.f;
+        acc[j][1] += actA ? part[j][1] : 0.f;
+        acc[j][2] += actB ? part[j][2] : 0.f;
+        acc[j][3] += actB ? part[j][3] : 0.f;
       }
     }
   }
