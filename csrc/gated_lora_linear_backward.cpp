@@ -13,6 +13,7 @@
 // forward, yet d y / d gate is not zero), so zero-gate experts cost backward work only when
 // gates need a gradient.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <array>
@@ -25,7 +26,10 @@ namespace {
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-Grads gated_lora_linear_backward(
+// keep_zero_gate_seqs: also process sequences whose gates are all zero. They add nothing to
+// the gradients, but the gradients depend on their gates (dx = ... + gates * A^T B^T dy), so
+// a differentiable (double backward) evaluation must keep them in the graph.
+Grads backward_impl(
     const at::Tensor& grad_y,
     const at::Tensor& x,
     const at::Tensor& weight,
@@ -34,7 +38,8 @@ Grads gated_lora_linear_backward(
     const at::Tensor& seq_offsets,
     const at::Tensor& adapter_ids,
     const at::Tensor& gates,
-    std::array<bool, 6> output_mask) {
+    std::array<bool, 6> output_mask,
+    bool keep_zero_gate_seqs) {
   constexpr const char* op = "gated_lora_linear_backward";
   const GatedLoraShape sh =
       check_gated_lora_args(op, x, weight, c10::nullopt, lora_a, lora_b, seq_offsets, adapter_ids, gates);
@@ -57,17 +62,20 @@ Grads gated_lora_linear_backward(
   at::Tensor dx = need_dx ? at::mm(dy, weight) : empty();                     // [T, K]
   at::Tensor dw = need_dw ? at::mm(dy.t(), x2) : empty();                     // [N, K]
   at::Tensor dbias = need_db ? dy.sum(0) : empty();                           // [N]
-  at::Tensor da = need_da ? at::zeros_like(lora_a) : empty();                 // [P, E, R, K]
-  at::Tensor dbl = need_db_lora ? at::zeros_like(lora_b) : empty();           // [P, E, N, R]
-  at::Tensor dg = need_dg ? at::zeros_like(gates) : at::empty({0}, gates.options());  // [S, E]
+  // Every gradient is returned contiguous whatever the inputs' strides (zeros_like would
+  // copy them): the fake kernel in milora_ext/ops.py reports exactly these layouts.
+  at::Tensor da = need_da ? at::zeros(lora_a.sizes(), lora_a.options()) : empty();          // [P, E, R, K]
+  at::Tensor dbl = need_db_lora ? at::zeros(lora_b.sizes(), lora_b.options()) : empty();    // [P, E, N, R]
+  at::Tensor dg = need_dg ? at::zeros(gates.sizes(), gates.options()) : at::empty({0}, gates.options());  // [S, E]
 
   if (need_dx || need_da || need_db_lora || need_dg) {
     const auto offsets_cpu = seq_offsets.to(at::kCPU);
     const auto ids_cpu = adapter_ids.to(at::kCPU);
     check_index_values(op, offsets_cpu, ids_cpu, sh.T, sh.P);
     // Sequences whose gates are all zero contribute nothing unless dgates is wanted.
-    const auto gates_cpu = gates.to(at::kCPU);
-    const LoraPlan plan = plan_by_adapter(offsets_cpu, ids_cpu, need_dg ? nullptr : &gates_cpu);
+    const auto gates_cpu = gates.detach().to(at::kCPU);
+    const bool keep_all = need_dg || keep_zero_gate_seqs;
+    const LoraPlan plan = plan_by_adapter(offsets_cpu, ids_cpu, keep_all ? nullptr : &gates_cpu);
 
     const auto acc = accumulate_type(x.scalar_type());
     const auto dev_long = x.options().dtype(at::kLong);
@@ -104,8 +112,41 @@ Grads gated_lora_linear_backward(
     }
     if (need_dx && !plan.groups.empty()) dx = (dx.to(acc) + dx_lora).to(x.scalar_type());
   }
-  if (need_dx) dx = dx.view(x.sizes());
+  if (need_dx) dx = dx.contiguous().view(x.sizes());
+  if (need_dw) dw = dw.contiguous();
   return {dx, dw, dbias, da, dbl, dg};
+}
+
+Grads gated_lora_linear_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& seq_offsets, const at::Tensor& adapter_ids, const at::Tensor& gates,
+    std::array<bool, 6> output_mask) {
+  return backward_impl(grad_y, x, weight, lora_a, lora_b, seq_offsets, adapter_ids, gates, output_mask, false);
+}
+
+// Autograd of the backward op itself, i.e. double backward (torch.autograd.grad(...,
+// create_graph=True), gradient penalties, Hessian-vector products). With grad mode on and an
+// input that requires grad, the ATen implementation above runs here, above the Autograd
+// key, so autograd records its ops and differentiates them (every sequence kept, see
+// backward_impl). Otherwise (the ordinary backward, torch.compile's traced backward) the
+// call goes down to the device kernel / fake unchanged.
+Grads gated_lora_linear_backward_autograd(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& seq_offsets, const at::Tensor& adapter_ids, const at::Tensor& gates,
+    std::array<bool, 6> output_mask) {
+  const bool record = at::GradMode::is_enabled() &&
+                      (grad_y.requires_grad() || x.requires_grad() || weight.requires_grad() ||
+                       lora_a.requires_grad() || lora_b.requires_grad() || gates.requires_grad());
+  if (record) {
+    return backward_impl(grad_y, x, weight, lora_a, lora_b, seq_offsets, adapter_ids, gates, output_mask, true);
+  }
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("milora_ext::gated_lora_linear_backward", "")
+                       .typed<Grads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    std::array<bool, 6>)>();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(grad_y, x, weight, lora_a, lora_b, seq_offsets, adapter_ids, gates, output_mask);
 }
 
 void check_indices(const at::Tensor& seq_offsets, const at::Tensor& adapter_ids, int64_t num_tokens, int64_t num_slots) {
@@ -127,6 +168,10 @@ void check_indices(const at::Tensor& seq_offsets, const at::Tensor& adapter_ids,
 TORCH_LIBRARY_IMPL(milora_ext, CompositeExplicitAutograd, m) {
   m.impl("gated_lora_linear_backward", &gated_lora_linear_backward);
   m.impl("check_indices", &check_indices);
+}
+
+TORCH_LIBRARY_IMPL(milora_ext, Autograd, m) {
+  m.impl("gated_lora_linear_backward", &gated_lora_linear_backward_autograd);
 }
 
 }  // namespace milora

@@ -101,34 +101,141 @@ def gated_lora_linear(
 
 
 # ---- torch.compile / meta support -------------------------------------------------------
+#
+# The fake kernels reject exactly what the real kernels reject (csrc/checks.cpp for every
+# device, plus the CUDA limits of csrc/cuda/gated_lora_linear_cuda.cpp), in the same order,
+# with the same exception types and messages, so that under torch.compile a bad call fails
+# while tracing, not when the compiled graph first runs. Sizes may be symbolic: comparisons go
+# through torch._check_* (guards / runtime asserts), messages are built only on failure.
+
+# Limits of the CUDA kernels (csrc/cuda/launch.h: kMaxExperts, kMaxRank; the grid limits of
+# gated_lora_linear_cuda.cpp). tests/test_op_fake.py checks them against launch.h.
+CUDA_MAX_EXPERTS = 16
+CUDA_MAX_RANK = 256
+_INT_MAX = 2**31 - 1
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_INDEX = (torch.int32, torch.int64)
+
+
+def _shape(t: Tensor) -> str:
+    return "[" + ", ".join(str(d) for d in t.shape) + "]"
+
+
+# c10::ScalarType names, as the C++ messages print them.
+_CXX_DTYPE = {torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float64: "Double",
+              torch.int32: "Int", torch.int64: "Long", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+              torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return _CXX_DTYPE.get(dtype, str(dtype))
+
+
+def _check_args(op, x, weight, bias, lora_a, lora_b, seq_offsets, adapter_ids, gates):
+    """Python twin of milora::check_gated_lora_args (csrc/checks.cpp). Returns (T, K, N, P, E, R, S)."""
+    # ---- ranks and sizes
+    torch._check_value(x.dim() >= 1, lambda: f"{op}: x must have shape [T, K] or [..., K], got a 0-dim tensor")
+    K = x.shape[-1]
+    torch._check_value(K >= 1, lambda: f"{op}: x must have at least one input feature (K >= 1), got shape {_shape(x)}")
+    T = x.numel() // K
+    torch._check_value(
+        weight.dim() == 2 and weight.shape[1] == K,
+        lambda: f"{op}: weight must have shape [N, K] = [N, {K}] (K = x.size(-1)), got {_shape(weight)}")
+    N = weight.shape[0]
+    torch._check_value(N >= 1, lambda: f"{op}: weight must have at least one output feature (N >= 1), got {_shape(weight)}")
+    if bias is not None:
+        torch._check_value(bias.dim() == 1 and bias.shape[0] == N,
+                           lambda: f"{op}: bias must have shape [N] = [{N}] or be None, got {_shape(bias)}")
+    torch._check_value(lora_a.dim() == 4 and lora_a.shape[3] == K,
+                       lambda: f"{op}: lora_a must have shape [P, E, R, K] = [P, E, R, {K}], got {_shape(lora_a)}")
+    P, E, R = lora_a.shape[0], lora_a.shape[1], lora_a.shape[2]
+    torch._check_value(E >= 1 and R >= 1,
+                       lambda: f"{op}: lora_a must have E >= 1 experts and rank R >= 1, got {_shape(lora_a)}")
+    torch._check_value(
+        lora_b.dim() == 4 and lora_b.shape[0] == P and lora_b.shape[1] == E and lora_b.shape[2] == N
+        and lora_b.shape[3] == R,
+        lambda: f"{op}: lora_b must have shape [P, E, N, R] = [{P}, {E}, {N}, {R}] (P, E, R from lora_a, N from "
+                f"weight), got {_shape(lora_b)}")
+    torch._check_value(seq_offsets.dim() == 1 and seq_offsets.shape[0] >= 1,
+                       lambda: f"{op}: seq_offsets must have shape [S + 1] (S >= 0 sequences), got {_shape(seq_offsets)}")
+    S = seq_offsets.shape[0] - 1
+    torch._check_value(
+        adapter_ids.dim() == 1 and adapter_ids.shape[0] == S,
+        lambda: f"{op}: adapter_ids must have shape [S] = [{S}] (S = seq_offsets.size(0) - 1), got {_shape(adapter_ids)}")
+    torch._check_value(
+        gates.dim() == 2 and gates.shape[0] == S and gates.shape[1] == E,
+        lambda: f"{op}: gates must have shape [S, E] = [{S}, {E}] (S sequences, E experts of lora_a), got {_shape(gates)}")
+    # ---- dtypes
+    dt = x.dtype
+    torch._check_type(dt in _FLOATS, lambda: f"{op}: x must be float32, float16, bfloat16 or float64, got {_dt(dt)}")
+    named = dict(weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
+    for name, t in named.items():
+        if t is not None:
+            torch._check_type(t.dtype == dt, lambda: f"{op}: {name} must have x's dtype {_dt(dt)}, got {_dt(t.dtype)}")
+    for name, t in (("seq_offsets", seq_offsets), ("adapter_ids", adapter_ids)):
+        torch._check_type(t.dtype in _INDEX, lambda: f"{op}: {name} must be int32 or int64, got {_dt(t.dtype)}")
+    torch._check_type(
+        gates.dtype == torch.float32 or (dt == torch.float64 and gates.dtype == torch.float64),
+        lambda: f"{op}: gates must be float32 (or float64 when x is float64), got {_dt(gates.dtype)}")
+    # ---- devices
+    named.update(seq_offsets=seq_offsets, adapter_ids=adapter_ids, gates=gates)
+    for name, t in named.items():
+        if t is not None:
+            torch._check_value(t.device == x.device,
+                               lambda: f"{op}: {name} must be on x's device {x.device}, got {t.device}")
+    return T, K, N, P, E, R, S
+
+
+def _check_cuda_limits(op, x, lora_a, sizes):
+    """Python twin of the extra checks of the CUDA forward (csrc/cuda/gated_lora_linear_cuda.cpp)."""
+    T, K, N, P, E, R, S = sizes
+    dt = x.dtype
+    torch._check_type(
+        dt in (torch.float32, torch.float16, torch.bfloat16),
+        lambda: f"{op}: the CUDA kernels take float32, float16 or bfloat16 inputs, got {_dt(dt)} (float64 runs on CPU only)")
+    torch._check_value(
+        E <= CUDA_MAX_EXPERTS,
+        lambda: f"{op}: the CUDA kernels support at most {CUDA_MAX_EXPERTS} experts per adapter, got E = {E} "
+                f"(lora_a of shape {_shape(lora_a)})")
+    torch._check_value(
+        R <= CUDA_MAX_RANK,
+        lambda: f"{op}: the CUDA kernels support LoRA rank R <= {CUDA_MAX_RANK}, got R = {R} "
+                f"(lora_a of shape {_shape(lora_a)})")
+    torch._check_value(
+        T < _INT_MAX and S < _INT_MAX and P < _INT_MAX and N < (1 << 22),
+        lambda: f"{op}: the CUDA kernels support T, S, P < 2^31 and N < 2^22 (grid limits), got T = {T}, S = {S}, "
+                f"P = {P}, N = {N}")
 
 
 @torch.library.register_fake("milora_ext::gated_lora_linear")
 def _gated_lora_linear_fake(x, weight, bias, lora_a, lora_b, seq_offsets, adapter_ids, gates):
-    torch._check(x.dim() >= 1, lambda: "gated_lora_linear: x must have shape [T, K] or [..., K]")
-    torch._check(weight.dim() == 2, lambda: f"gated_lora_linear: weight must have shape [N, K], got {tuple(weight.shape)}")
-    torch._check(
-        weight.shape[1] == x.shape[-1],
-        lambda: f"gated_lora_linear: weight must have shape [N, K] with K = x.size(-1) = {x.shape[-1]}",
-    )
-    # The C++ kernels check devices too; this catches mixed devices while tracing (and on meta).
-    named = dict(weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, seq_offsets=seq_offsets,
-                 adapter_ids=adapter_ids, gates=gates)
-    for name, t in named.items():
-        if t is not None and t.device != x.device:
-            raise ValueError(f"gated_lora_linear: {name} must be on x's device {x.device}, got {t.device}")
+    op = "gated_lora_linear"
+    sizes = _check_args(op, x, weight, bias, lora_a, lora_b, seq_offsets, adapter_ids, gates)
+    if x.device.type == "cuda":
+        _check_cuda_limits(op, x, lora_a, sizes)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.register_fake("milora_ext::gated_lora_linear_backward")
 def _gated_lora_linear_backward_fake(grad_y, x, weight, lora_a, lora_b, seq_offsets, adapter_ids, gates, output_mask):
+    op = "gated_lora_linear_backward"
+    N = _check_args(op, x, weight, None, lora_a, lora_b, seq_offsets, adapter_ids, gates)[2]
+    y_shape = (*x.shape[:-1], N)
+    torch._check_value(
+        grad_y.dim() == len(y_shape) and all(a == b for a, b in zip(grad_y.shape, y_shape)),
+        lambda: f"{op}: grad_y must have the output's shape [{', '.join(str(d) for d in y_shape)}], got {_shape(grad_y)}")
+    torch._check_type(grad_y.dtype == x.dtype, lambda: f"{op}: grad_y must have x's dtype {_dt(x.dtype)}, got {_dt(grad_y.dtype)}")
+    torch._check_value(grad_y.device == x.device, lambda: f"{op}: grad_y must be on x's device {x.device}")
+
+    # The kernel returns every gradient contiguous (csrc/gated_lora_linear_backward.cpp),
+    # whatever the strides of x, weight, lora_a, lora_b and gates.
     def like(t, wanted):
-        return torch.empty_like(t) if wanted else t.new_empty((0,))
+        return t.new_empty(t.shape) if wanted else t.new_empty((0,))
 
     return (
         like(x, output_mask[0]),
         like(weight, output_mask[1]),
-        x.new_empty((weight.shape[0],)) if output_mask[2] else x.new_empty((0,)),
+        x.new_empty((N,)) if output_mask[2] else x.new_empty((0,)),
         like(lora_a, output_mask[3]),
         like(lora_b, output_mask[4]),
         like(gates, output_mask[5]),
@@ -137,8 +244,19 @@ def _gated_lora_linear_backward_fake(grad_y, x, weight, lora_a, lora_b, seq_offs
 
 @torch.library.register_fake("milora_ext::check_indices")
 def _check_indices_fake(seq_offsets, adapter_ids, num_tokens, num_slots):
+    # The shape and dtype checks of check_indices (csrc/gated_lora_linear_backward.cpp); its
+    # value checks need the data.
+    op = "check_indices"
+    torch._check_value(seq_offsets.dim() == 1 and seq_offsets.shape[0] >= 1,
+                       lambda: f"{op}: seq_offsets must have shape [S + 1], got {_shape(seq_offsets)}")
+    torch._check_value(
+        adapter_ids.dim() == 1 and adapter_ids.shape[0] == seq_offsets.shape[0] - 1,
+        lambda: f"{op}: adapter_ids must have shape [S] = [{seq_offsets.shape[0] - 1}], got {_shape(adapter_ids)}")
+    for name, t in (("seq_offsets", seq_offsets), ("adapter_ids", adapter_ids)):
+        torch._check_type(t.dtype in _INDEX, lambda: f"{op}: {name} must be int32 or int64, got {_dt(t.dtype)}")
     return None
 
 # Autograd is registered in C++ (csrc/gated_lora_linear_autograd.cpp): a Python autograd
 # kernel cost as much per call as the LoRA term of a decode step. The gradients come from
-# torch.ops.milora_ext.gated_lora_linear_backward, whose fake is above.
+# torch.ops.milora_ext.gated_lora_linear_backward, whose fake is above; its own autograd
+# (double backward) is in csrc/gated_lora_linear_backward.cpp.
