@@ -14,17 +14,21 @@
 // from L2, so a larger row block halves that traffic when x grows) for 132 SMs, all resident
 // at once. The alternative, split-K across CTAs, would need a second pass or atomics on y.
 //
-// Overlap. On sm_90 this kernel is a programmatic dependent of the shrink kernel: it starts
+// Overlap. On sm_90 this kernel is a programmatic dependent of the shrink kernel (when its
+// own code has griddepcontrol: kernel_waits_for_pdl below): it starts
 // streaming W while the shrink still runs and waits (griddepcontrol.wait) only before it
 // reads U and the routes. The shrink also prefetches the active lora_b slabs into L2 (evict
 // last) and W is read with an evict-first hint, so the epilogue's lora_b reads hit L2.
 #include "cuda/common.cuh"
 #include "cuda/warp_gemm.cuh"
 
+#include <atomic>
+
 namespace milora::cuda {
 namespace {
 
 constexpr int kDecodeWarps = 8;
+constexpr int kMaxDevices = 64;
 constexpr int kDecodeThreads = kDecodeWarps * 32;
 
 struct DecodeArgs {
@@ -32,7 +36,8 @@ struct DecodeArgs {
   const void* weight;  // [N, K]
   const void* bias;    // [N] or nullptr
   void* y;             // [T, N]
-  bool vec_xw;         // x and weight rows 16-byte aligned, K % 8 == 0
+  bool vec_w;          // weight rows 16-byte aligned, K % 8 == 0
+  bool vec_x;          // x rows 16-byte aligned, K % 8 == 0 (the dispatcher copies a misaligned x)
   bool vec_b;          // lora_b rows 16-byte aligned, R % 8 == 0
 };
 
@@ -93,7 +98,7 @@ __global__ void __launch_bounds__(kDecodeThreads) milora_decode_fused_kernel(con
 
   const int64_t chunks = (K + 31) / 32;
   const int64_t c_begin = chunks * warp / kDecodeWarps, c_end = chunks * (warp + 1) / kDecodeWarps;
-  WarpGemm<scalar_t, RT, NT, true>::run(a_rows, b_rows, c_begin, c_end, K, d.vec_xw, q, acc);
+  WarpGemm<scalar_t, RT, NT, true>::run(a_rows, b_rows, c_begin, c_end, K, d.vec_w, d.vec_x, q, acc);
 
   // ---- U and the routes come from the shrink kernel ------------------------------------
   pdl_wait();
@@ -164,8 +169,36 @@ __global__ void __launch_bounds__(kDecodeThreads) milora_decode_fused_kernel(con
     if (ok[i]) y[tok[i] * N + row[i]] = from_float<scalar_t>(v[i]);
 }
 
+// Whether the code of this kernel that runs on the current device has griddepcontrol.wait,
+// i.e. was compiled from PTX for sm_90+ (pdl_wait is empty below __CUDA_ARCH__ 900). The
+// device's compute capability does not say so: an "8.0+PTX" build runs on an H200 as
+// compute_80 PTX JIT-compiled to sm_90 (binaryVersion 90, ptxVersion 80) with no wait, and a
+// programmatic launch would then read U and the routes before the shrink kernel wrote them.
+// Read once per device from cudaFuncGetAttributes (its ptxVersion / binaryVersion).
+template <typename Kernel>
+bool kernel_waits_for_pdl(Kernel kernel, std::atomic<int> (&cache)[kMaxDevices]) {
+#ifdef MILORA_CUDA_EMULATION
+  (void)kernel;
+  (void)cache;
+  return false;  // the emulator runs grids one after the other
+#else
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) return false;
+  int v = cache[dev].load(std::memory_order_relaxed);  // 0 unknown, 1 no, 2 yes
+  if (v == 0) {
+    cudaFuncAttributes attr{};
+    v = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90 && attr.binaryVersion >= 90 ? 2 : 1;
+    cache[dev].store(v, std::memory_order_relaxed);
+  }
+  return v == 2;
+#endif
+}
+
 template <typename scalar_t, int NT, int RT>
 cudaError_t launch_one(const DecodeArgs& d, bool pdl, cudaStream_t stream) {
+  static std::atomic<int> pdl_cache[kMaxDevices] = {};  // one per kernel instantiation
+  auto* kernel = milora_decode_fused_kernel<scalar_t, NT, RT>;
+  pdl = pdl && kernel_waits_for_pdl(kernel, pdl_cache);
   const unsigned blocks = static_cast<unsigned>(ceil_div<int64_t>(d.l.N, 16 * RT));
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(blocks);
@@ -177,7 +210,7 @@ cudaError_t launch_one(const DecodeArgs& d, bool pdl, cudaStream_t stream) {
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, milora_decode_fused_kernel<scalar_t, NT, RT>, d);
+  return cudaLaunchKernelEx(&cfg, kernel, d);
 }
 
 template <typename scalar_t>
@@ -203,7 +236,8 @@ cudaError_t launch_decode_fused(const LoraArgs& a, const void* weight, const voi
   d.weight = weight;
   d.bias = bias;
   d.y = y;
-  d.vec_xw = a.K % 8 == 0 && host_aligned(a.x, 16) && host_aligned(weight, 16);
+  d.vec_w = a.K % 8 == 0 && host_aligned(weight, 16);
+  d.vec_x = a.K % 8 == 0 && host_aligned(a.x, 16);
   d.vec_b = a.R % 8 == 0 && host_aligned(a.lora_b, 16);
   if (a.dtype == DType::kFloat16) return launch_typed<__half>(d, row_tiles, pdl, stream);
   return launch_typed<__nv_bfloat16>(d, row_tiles, pdl, stream);

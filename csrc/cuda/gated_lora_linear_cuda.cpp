@@ -31,14 +31,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <array>
-#include <atomic>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
 
 #include "checks.h"
 #include "cuda/launch.h"
+#include "cuda/lora_args.h"
 
 namespace milora::cuda {
 namespace {
@@ -64,24 +63,6 @@ int decode_row_tiles() {
 bool prefill_preinit() {
   const char* v = std::getenv("MILORA_PREFILL_EPILOGUE");
   return v == nullptr || std::strcmp(v, "rmw") != 0;
-}
-
-// Programmatic dependent launch needs compute capability 9.0+; cached per device.
-bool device_has_pdl(int device) {
-  static std::array<std::atomic<int>, 64> cache{};  // 0 unknown, 1 no, 2 yes
-  if (device < 0 || device >= static_cast<int>(cache.size())) return false;
-  int v = cache[device].load(std::memory_order_relaxed);
-  if (v == 0) {
-    int major = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    v = major >= 9 ? 2 : 1;
-    cache[device].store(v, std::memory_order_relaxed);
-  }
-  return v == 2;
-}
-
-DType to_dtype(at::ScalarType t) {
-  return t == at::kFloat ? DType::kFloat32 : (t == at::kHalf ? DType::kFloat16 : DType::kBFloat16);
 }
 
 void check_launch(cudaError_t err) {
@@ -122,39 +103,11 @@ at::Tensor gated_lora_linear_cuda(
   if (sh.T == 0) return at::empty(out_shape, x.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  const auto x2 = x.reshape({sh.T, sh.K}).contiguous();                  // [T, K]
-  const auto w = weight.contiguous();                                     // [N, K]
-  const auto b = bias.has_value() ? bias->contiguous() : at::Tensor();    // [N]
-  const auto la = lora_a.contiguous();                                    // [P, E, R, K]
-  const auto lb = lora_b.contiguous();                                    // [P, E, N, R]
-  const auto g = gates.contiguous();                                      // [S, E] float32
-  const auto off = seq_offsets.contiguous();                              // [S + 1] int32/int64
-  const auto ids = adapter_ids.contiguous();                              // [S] int32/int64
-
-  // Workspace: routes [T][2] int32, then U [T][E][R] float32 (16-byte aligned).
-  const int64_t route_floats = (2 * sh.T + 3) / 4 * 4;
-  const auto ws = at::empty({route_floats + sh.T * sh.E * sh.R}, x.options().dtype(at::kFloat));
-
-  LoraArgs a;
-  a.dtype = to_dtype(dt);
-  a.x = x2.data_ptr();
-  a.lora_a = la.data_ptr();
-  a.lora_b = lb.data_ptr();
-  a.gates = g.data_ptr<float>();
-  a.routes = reinterpret_cast<int32_t*>(ws.data_ptr<float>());
-  a.U = ws.data_ptr<float>() + route_floats;
-  a.T = sh.T;
-  a.K = sh.K;
-  a.N = sh.N;
-  a.E = sh.E;
-  a.R = sh.R;
-  a.idx.offsets = off.data_ptr();
-  a.idx.ids = ids.data_ptr();
-  a.idx.offsets64 = off.scalar_type() == at::kLong;
-  a.idx.ids64 = ids.scalar_type() == at::kLong;
-  a.idx.S = sh.S;
-  a.idx.P = sh.P;
-  const void* bias_ptr = b.defined() ? b.data_ptr() : nullptr;
+  const PackedLora pk = pack_lora_args(sh, x, weight, bias, lora_a, lora_b, seq_offsets, adapter_ids, gates);
+  const LoraArgs& a = pk.args;
+  const at::Tensor& x2 = pk.x;     // [T, K]
+  const at::Tensor& w = pk.weight;  // [N, K]
+  const void* bias_ptr = pk.bias_ptr;
 
   at::Tensor y;
   if (dt == at::kFloat) {
@@ -164,7 +117,8 @@ at::Tensor gated_lora_linear_cuda(
   } else if (sh.T <= decode_max_tokens()) {
     check_launch(launch_shrink_simt(a, /*prefetch_b=*/true, stream));
     y = at::empty({sh.T, sh.N}, x.options());                             // [T, N]
-    const bool pdl = !env_off("MILORA_PDL") && device_has_pdl(x.get_device());
+    // PDL when asked for; the launcher also checks that the kernel's own code waits for it.
+    const bool pdl = !env_off("MILORA_PDL");
     check_launch(launch_decode_fused(a, w.data_ptr(), bias_ptr, y.data_ptr(), decode_row_tiles(), pdl, stream));
   } else if (prefill_preinit()) {
     check_launch(launch_shrink_tc(a, stream));

@@ -31,7 +31,8 @@ __device__ __forceinline__ int nth_set_bit(uint32_t mask, int n) {
 }
 
 template <typename scalar_t, int NB>
-__global__ void __launch_bounds__(kShrinkTcThreads) milora_shrink_tc_kernel(const LoraArgs a, bool vec) {
+__global__ void __launch_bounds__(kShrinkTcThreads) milora_shrink_tc_kernel(const LoraArgs a, bool vec_x,
+                                                                          bool vec_a) {
   constexpr int MT = 2;
   constexpr int kCols = 8 * NB;  // (expert, rank) columns per pass over K
   constexpr int LD = kCols + 1;
@@ -103,7 +104,7 @@ __global__ void __launch_bounds__(kShrinkTcThreads) milora_shrink_tc_kernel(cons
         for (int j = 0; j < NB; ++j)
 #pragma unroll
           for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.f;
-      WarpGemm<scalar_t, MT, NB, false>::run(a_rows, b_rows, c_begin, c_end, K, vec, q, acc);
+      WarpGemm<scalar_t, MT, NB, false>::run(a_rows, b_rows, c_begin, c_end, K, vec_x, vec_a, q, acc);
       cta_reduce<MT, NB, kShrinkTcWarps>(acc, buf, warp, lane);  // ends with __syncthreads()
       for (int idx = tid; idx < kShrinkTcTokens * kCols; idx += kShrinkTcThreads) {
         const int row = idx / kCols, c = idx % kCols, col = cb + c;
@@ -119,10 +120,11 @@ __global__ void __launch_bounds__(kShrinkTcThreads) milora_shrink_tc_kernel(cons
 
 template <typename scalar_t, int NB>
 cudaError_t launch_one(const LoraArgs& a, cudaStream_t stream) {
-  const bool vec = a.K % 8 == 0 && host_aligned(a.x, 16) && host_aligned(a.lora_a, 16);
+  const bool vec_x = a.K % 8 == 0 && host_aligned(a.x, 16);
+  const bool vec_a = a.K % 8 == 0 && host_aligned(a.lora_a, 16);
   const unsigned blocks = static_cast<unsigned>(ceil_div<int64_t>(a.T, kShrinkTcTokens));
   auto* kernel = milora_shrink_tc_kernel<scalar_t, NB>;
-  MILORA_LAUNCH_KERNEL(kernel, dim3(blocks), dim3(kShrinkTcThreads), stream, a, vec);
+  MILORA_LAUNCH_KERNEL(kernel, dim3(blocks), dim3(kShrinkTcThreads), stream, a, vec_x, vec_a);
   return cudaSuccess;  // launch errors: C10_CUDA_KERNEL_LAUNCH_CHECK in the caller
 }
 

@@ -43,11 +43,13 @@ struct WarpGemm {
 
   // Chunks [c_begin, c_end) of 32 k each. a_rows[i][h]: this lane's A row 16 i + g + 8 h;
   // b_rows[j]: its B row 8 j + g (callers clamp rows past the end to a valid row and drop
-  // those results). vec: all rows 16-byte aligned and K % 8 == 0.
+  // those results). vec_a / vec_b: all A / B rows 16-byte aligned and K % 8 == 0. Each
+  // operand keeps its 16-byte loads when only the other one is misaligned (a weight stream
+  // must not fall back to 2-byte loads because of a small operand).
   __device__ static __forceinline__ void run(const T* const (&a_rows)[MT][2], const T* const (&b_rows)[NB],
-                                             int64_t c_begin, int64_t c_end, int64_t K, bool vec, int q,
-                                             float (&acc)[MT][NB][4]) {
-    const int64_t full = vec ? K / 32 : 0;  // chunks that need no bounds checks
+                                             int64_t c_begin, int64_t c_end, int64_t K, bool vec_a, bool vec_b,
+                                             int q, float (&acc)[MT][NB][4]) {
+    const int64_t full = vec_a && vec_b ? K / 32 : 0;  // chunks that need no bounds checks
     const int64_t fast_end = c_end < full ? c_end : full;
     int64_t c = c_begin;
     for (; c + kUnroll <= fast_end; c += kUnroll) {
@@ -74,10 +76,10 @@ struct WarpGemm {
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) a[i][h] = load8<T, kStreamA>(a_rows[i][h], k, K, vec);
+        for (int h = 0; h < 2; ++h) a[i][h] = load8<T, kStreamA>(a_rows[i][h], k, K, vec_a);
       }
 #pragma unroll
-      for (int j = 0; j < NB; ++j) b[j] = load8<T>(b_rows[j], k, K, vec);
+      for (int j = 0; j < NB; ++j) b[j] = load8<T>(b_rows[j], k, K, vec_b);
       mma_chunk(a, b, acc);
     }
   }

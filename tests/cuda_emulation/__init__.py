@@ -54,7 +54,7 @@ def load(verbose: bool = False):
     os.makedirs(build_dir, exist_ok=True)
     return _load(
         name="milora_cuda_emulation" + suffix,
-        sources=[os.path.join(HERE, s) for s in SOURCES],
+        sources=[os.path.join(HERE, s) for s in SOURCES] + [os.path.join(ROOT, "csrc", "checks.cpp")],
         extra_include_paths=[os.path.join(ROOT, "csrc"), inc],
         extra_cflags=cflags,
         extra_ldflags=ldflags,

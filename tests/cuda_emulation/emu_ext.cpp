@@ -1,15 +1,20 @@
 // Python entry point of the CPU-emulated CUDA kernels (tests/test_cuda_emulated.py).
 //
 // run(...) mirrors the path logic of csrc/cuda/gated_lora_linear_cuda.cpp on CPU tensors,
-// with cuBLAS replaced by ATen's CPU linear / addmm_, and calls the real kernel launchers
-// (compiled with -DMILORA_CUDA_EMULATION). The workspace and y are filled with NaN first, so
-// a kernel that reads U it did not define, or leaves an output element unwritten, shows.
+// with cuBLAS replaced by ATen's CPU linear / addmm_. It validates with the op's own checks
+// (csrc/checks.cpp), packs the kernels' arguments with the dispatcher's own code
+// (csrc/cuda/lora_args.h: contiguous copies, a misaligned x copied to an aligned buffer) and
+// calls the real kernel launchers (compiled with -DMILORA_CUDA_EMULATION). The workspace and
+// y are filled with NaN first, so a kernel that reads U it did not define, or leaves an output
+// element unwritten, shows.
 #include <torch/extension.h>
 
 #include <limits>
 #include <string>
 
+#include "checks.h"
 #include "cuda/launch.h"
+#include "cuda/lora_args.h"
 
 namespace mc = milora::cuda;
 
@@ -22,38 +27,19 @@ void ok(cudaError_t err, const char* what) {
 at::Tensor run(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& seq_offsets,
                const at::Tensor& adapter_ids, const at::Tensor& gates, const std::string& path) {
-  const int64_t K = x.size(-1), T = x.numel() / K, N = weight.size(0);
-  const int64_t E = lora_a.size(1), R = lora_a.size(2), P = lora_a.size(0), S = adapter_ids.size(0);
+  const milora::GatedLoraShape sh = milora::check_gated_lora_args(
+      "emulated gated_lora_linear", x, weight, bias, lora_a, lora_b, seq_offsets, adapter_ids, gates);
+  const int64_t T = sh.T, N = sh.N;
+  const auto dt = x.scalar_type();
   auto out_shape = x.sizes().vec();
   out_shape.back() = N;
   if (T == 0) return at::empty(out_shape, x.options());
   const auto nan = std::numeric_limits<float>::quiet_NaN();
-  const auto x2 = x.reshape({T, K}).contiguous();
-  const auto w = weight.contiguous();
-  const auto b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const auto la = lora_a.contiguous(), lb = lora_b.contiguous();
-  const auto g = gates.contiguous();
-  const auto off = seq_offsets.contiguous(), ids = adapter_ids.contiguous();
-  const int64_t route_floats = (2 * T + 3) / 4 * 4;
-  auto ws = at::full({route_floats + T * E * R}, nan, x.options().dtype(at::kFloat));
-
-  mc::LoraArgs a;
-  const auto dt = x.scalar_type();
-  a.dtype = dt == at::kFloat ? mc::DType::kFloat32 : (dt == at::kHalf ? mc::DType::kFloat16 : mc::DType::kBFloat16);
-  a.x = x2.data_ptr();
-  a.lora_a = la.data_ptr();
-  a.lora_b = lb.data_ptr();
-  a.gates = g.data_ptr<float>();
-  a.routes = reinterpret_cast<int32_t*>(ws.data_ptr<float>());
-  a.U = ws.data_ptr<float>() + route_floats;
-  a.T = T, a.K = K, a.N = N, a.E = E, a.R = R;
-  a.idx.offsets = off.data_ptr();
-  a.idx.ids = ids.data_ptr();
-  a.idx.offsets64 = off.scalar_type() == at::kLong;
-  a.idx.ids64 = ids.scalar_type() == at::kLong;
-  a.idx.S = S;
-  a.idx.P = P;
-  const void* bias_ptr = b.defined() ? b.data_ptr() : nullptr;
+  const mc::PackedLora pk = mc::pack_lora_args(sh, x, weight, bias, lora_a, lora_b, seq_offsets, adapter_ids, gates, nan);
+  const mc::LoraArgs& a = pk.args;
+  const at::Tensor& x2 = pk.x;      // [T, K]
+  const at::Tensor& w = pk.weight;  // [N, K]
+  const void* bias_ptr = pk.bias_ptr;
   cudaStream_t stream = nullptr;
 
   std::string p = path;
