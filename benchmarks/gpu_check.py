@@ -4,7 +4,9 @@ timings against cuBLAS and plain-PyTorch LoRA. Run by scripts/gpu_check.sh; stan
     python benchmarks/gpu_check.py --out OUTDIR [--iters 30] [--no-flush] [--quick]
 
 Writes OUTDIR/bench.json (GPU, date, versions, D2D bandwidth, one record per shape x dtype x
-method) and OUTDIR/bench_table.md, and prints the table.
+method) and OUTDIR/bench_table.md after every case (a timeout keeps what was measured;
+"complete": true once the run ends), and prints the table. Decode shapes come in two adapter
+mixes: "distinct" (each token its own adapter) and "shared" (all tokens one adapter).
 
 Methods (all produce the same y):
   base          F.linear(x, W, b): cuBLAS, the floor every LoRA method is compared with
@@ -39,10 +41,10 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import milora_ext  # noqa: E402
-import _cuda_cases as cc  # noqa: E402
+from milora_ext import workloads as wl  # noqa: E402
+from milora_ext.accuracy import check_against_reference, max_err, reference64  # noqa: E402
 
 DEV = "cuda"
 
@@ -143,7 +145,7 @@ def host_info(case):
 
 def with_env(fn, **env):
     def run():
-        with cc.env_vars(**env):
+        with wl.env_vars(**env):
             return fn()
 
     return run
@@ -166,13 +168,20 @@ def graph_of(fn):
 
 
 def shapes(quick: bool):
+    """Decode: every token its own sequence, each with its own adapter (P = T, "distinct") and
+    all sharing one adapter (P = 1, "shared": one slab of lora_b serves every token); prefill:
+    4 sequences of 1024 tokens."""
     K = N = 4096
     out = []
-    for T in (1, 8, 32, 64):
-        for E, active in ((1, 1), (4, 2)):
-            out.append(dict(phase="decode", T=T, S=T, P=T, K=K, N=N, E=E, E_active=active, R=16))
+    for mix in ("distinct", "shared"):
+        for T in (1, 8, 32, 64):
+            if mix == "shared" and T == 1:
+                continue  # one token: the same problem as distinct
+            for E, active in ((1, 1), (4, 2)):
+                out.append(dict(phase="decode", mix=mix, T=T, S=T, P=T if mix == "distinct" else 1, K=K, N=N, E=E,
+                                E_active=active, R=16))
     for E, active in ((1, 1), (4, 2)):
-        out.append(dict(phase="prefill", T=4096, S=4, P=4, K=K, N=N, E=E, E_active=active, R=16))
+        out.append(dict(phase="prefill", mix="distinct", T=4096, S=4, P=4, K=K, N=N, E=E, E_active=active, R=16))
     if quick:
         out = [s for s in out if s["T"] in (1, 64, 4096) and s["E"] == 4]
     return out
@@ -183,27 +192,28 @@ def build_case(sh, dtype):
     lens = [sh["T"] // S] * S
     gates = torch.zeros(S, E)
     gates[:, :A] = torch.rand(S, A) + 0.5  # E_active non-zero gates per sequence
-    case = cc.make_case(K=sh["K"], N=sh["N"], E=E, R=sh["R"], seq_lens=lens, P=sh["P"], gates=gates,
+    ids = [s % sh["P"] for s in range(S)]
+    return wl.make_case(K=sh["K"], N=sh["N"], E=E, R=sh["R"], seq_lens=lens, adapter_ids=ids, P=sh["P"], gates=gates,
                         dtype=dtype, device=DEV, seed=sh["T"] * 10 + E)
-    return case
 
 
 def floor_bytes(sh, dtype):
     es = torch.finfo(dtype).bits // 8
     K, N, R, T = sh["K"], sh["N"], sh["R"], sh["T"]
-    active_slabs = min(sh["P"], sh["S"]) * sh["E_active"]
+    active_slabs = min(sh["P"], sh["S"]) * sh["E_active"]  # distinct slabs read (shared: one adapter)
     return es * (N * K + N + active_slabs * (R * K + N * R) + T * K + T * N)
 
 
 def check_case(case) -> dict:
-    y = milora_ext.gated_lora_linear(*cc.args(case), check_indices=True)
+    """The accuracy rule (milora_ext.accuracy); the float64 reference is computed once."""
+    y = milora_ext.gated_lora_linear(*wl.case_args(case), check_indices=True)
+    y64 = reference64(case)
     try:
-        cc.check_close(y, case, "gpu_check")
+        check_against_reference(y, case, "gpu_check", y64=y64)
         ok, msg = True, ""
     except AssertionError as e:  # recorded, the run goes on
         ok, msg = False, str(e)
-    y64 = cc.reference64(case)
-    return dict(ok=ok, max_abs_err=(y.double() - y64).abs().max().item(), message=msg)
+    return dict(ok=ok, max_abs_err=max_err(y, y64), message=msg)
 
 
 # ---- main --------------------------------------------------------------------------------
@@ -236,13 +246,14 @@ def main():
     records, checks = [], []
     for sh in shapes(args.quick):
         for dtype in (torch.bfloat16, torch.float16):
-            name = f"{sh['phase']} T={sh['T']} E={sh['E']}/{sh['E_active']} {str(dtype)[6:]}"
+            write_results(args.out, meta, records, checks, traffic)  # what is measured so far survives a timeout
+            name = f"{sh['phase']} {sh['mix']} T={sh['T']} E={sh['E']}/{sh['E_active']} {str(dtype)[6:]}"
             try:
                 case = build_case(sh, dtype)
                 chk = check_case(case)
                 checks.append(dict(shape=sh, dtype=str(dtype), **chk))
                 host = host_info(case)
-                op = lambda c=case: milora_ext.gated_lora_linear(*cc.args(c), check_indices=False)  # noqa: E731
+                op = lambda c=case: milora_ext.gated_lora_linear(*wl.case_args(c), check_indices=False)  # noqa: E731
                 methods = {
                     "base": lambda c=case: F.linear(c["x"], c["weight"], c["bias"]),
                     "milora": op,
@@ -278,27 +289,38 @@ def main():
             except Exception:
                 print(f"  {name}: FAILED\n{traceback.format_exc()}", flush=True)
                 records.append(dict(shape=sh, dtype=str(dtype), method="*", error=traceback.format_exc()))
-    result = dict(meta=meta, records=records, checks=checks)
-    with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    lines = ["| phase | T | E/active | dtype | method | median us | x base | x floor |", "|---|---|---|---|---|---|---|---|"]
+    table = write_results(args.out, meta, records, checks, traffic, complete=True)
+    print(table)
+    bad = [c for c in checks if not c["ok"]]
+    return 1 if bad or any("error" in r for r in records) else 0
+
+
+def write_results(out: str, meta: dict, records: list, checks: list, traffic: float, complete: bool = False) -> str:
+    """(Re)writes OUT/bench.json and OUT/bench_table.md with everything measured so far
+    (atomically: a temporary file renamed), so a timeout loses at most the current case."""
+    result = dict(meta=meta, complete=complete, records=records, checks=checks)
+    lines = ["| phase | mix | T | E/active | dtype | method | median us | x base | x floor |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         if "median_ms" not in r:
             continue
         s = r["shape"]
+        ratio = f"{r['ratio_to_base']:.2f}" if r["ratio_to_base"] is not None else "-"
         lines.append(
-            f"| {s['phase']} | {s['T']} | {s['E']}/{s['E_active']} | {r['dtype'][6:]} | {r['method']} | "
-            f"{r['median_ms'] * 1e3:.1f} | {r['ratio_to_base']:.2f} | {r['floor_ratio']:.2f} |"
+            f"| {s['phase']} | {s['mix']} | {s['T']} | {s['E']}/{s['E_active']} | {r['dtype'][6:]} | {r['method']} | "
+            f"{r['median_ms'] * 1e3:.1f} | {ratio} | {r['floor_ratio']:.2f} |"
         )
     bad = [c for c in checks if not c["ok"]]
     lines.append("")
     lines.append(f"D2D traffic {traffic / 1e9:.0f} GB/s (read + write); correctness checks: "
-                 f"{len(checks) - len(bad)}/{len(checks)} ok")
+                 f"{len(checks) - len(bad)}/{len(checks)} ok{'' if complete else ' (incomplete run)'}")
     table = "\n".join(lines)
-    with open(os.path.join(args.out, "bench_table.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
-    return 1 if bad or any("error" in r for r in records) else 0
+    for name, text in (("bench.json", json.dumps(result, indent=1)), ("bench_table.md", table + "\n")):
+        tmp = os.path.join(out, name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(out, name))
+    return table
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Random gated_lora_linear problems for tests and benchmarks.
+"""Random gated_lora_linear problems for the tests, the CUDA emulator, the benchmarks and the
+GPU check: one builder (make_problem; make_case is the same as a dict), adversarial adapter
+mixes, skewed lengths, and the tenant-isolation batches. The accuracy rule they are judged by
+is milora_ext.accuracy.
 
 Inputs are fresh random values (never zeros), scaled so that y's base and LoRA parts have
 comparable magnitudes: the LoRA term must be big enough that a kernel dropping or misrouting
@@ -6,9 +9,11 @@ it fails a comparison.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -37,6 +42,9 @@ def adapter_mix(num_seqs: int, num_slots: int, mix: str, generator: torch.Genera
     return torch.multinomial(weights, num_seqs, replacement=True, generator=generator).tolist()
 
 
+ARG_NAMES = ("x", "weight", "bias", "lora_a", "lora_b", "seq_offsets", "adapter_ids", "gates")
+
+
 @dataclass
 class Problem:
     x: torch.Tensor
@@ -52,6 +60,10 @@ class Problem:
         return (self.x, self.weight, self.bias, self.lora_a, self.lora_b,
                 self.seq_offsets, self.adapter_ids, self.gates)
 
+    def as_dict(self) -> Dict[str, Optional[torch.Tensor]]:
+        """The arguments by name (ARG_NAMES), e.g. to replace one with a strided view."""
+        return dict(zip(ARG_NAMES, self.args()))
+
     def active_adapter_bytes(self) -> int:
         """Bytes of the A and B matrices a call must read: each (adapter, expert) with a
         non-zero gate in at least one non-empty sequence."""
@@ -65,42 +77,57 @@ class Problem:
 
 def make_problem(
     seq_lens: Sequence[int],
-    adapter_ids: Sequence[int],
+    adapter_ids: Optional[Sequence[int]] = None,
     *,
     K: int,
     N: int,
-    P: int,
+    P: Optional[int] = None,
     E: int = 1,
     R: int = 16,
     active_experts: Optional[int] = None,
+    zero_gate_frac: Optional[float] = None,
+    gates: Optional[torch.Tensor] = None,
     dtype: torch.dtype = torch.float32,
     device="cpu",
     bias: bool = True,
     index_dtype: torch.dtype = torch.int64,
     seed: int = 0,
 ) -> Problem:
-    """A random problem. active_experts = k keeps k random non-zero gates per sequence (the
-    rest exactly 0); None keeps all E non-zero."""
+    """The one builder of gated_lora_linear problems (tests, emulator, benchmarks, GPU check).
+
+    Sequence s has seq_lens[s] tokens and adapter adapter_ids[s] (default s % P; P defaults to
+    the number of sequences). Gates are U(0.5, 1.5); then either active_experts = k keeps k
+    random non-zero gates per sequence, or zero_gate_frac zeroes that fraction of them at
+    random, or `gates` gives them outright ([S, E]). Values are drawn in float64 and rounded
+    once to `dtype`. Magnitudes: base ~ N(0, 1) per output, the LoRA term (all experts
+    together) of the same order, so a kernel that drops or misroutes it fails a comparison.
+    """
+    if active_experts is not None and zero_gate_frac is not None:
+        raise ValueError("give active_experts or zero_gate_frac, not both")
+    S = len(seq_lens)
+    P = P if P is not None else max(S, 1)
+    if adapter_ids is None:
+        adapter_ids = [s % P for s in range(S)]
     if len(seq_lens) != len(adapter_ids):
         raise ValueError("seq_lens and adapter_ids must have the same length")
     g = torch.Generator().manual_seed(seed)
     T = int(sum(seq_lens))
-    S = len(seq_lens)
 
     def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=device)
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
 
-    # Base ~ N(0, 1) per output; LoRA delta of the same order with gates ~ U(0.5, 1.5).
     x = rnd(T, K)
     weight = rnd(N, K, scale=1 / math.sqrt(K))
     b = rnd(N) if bias else None
     lora_a = rnd(P, E, R, K, scale=1 / math.sqrt(K))
     lora_b = rnd(P, E, N, R, scale=1 / math.sqrt(R * E))
-    gates = torch.rand(S, E, generator=g) + 0.5
-    if active_experts is not None and S > 0:
-        keep = torch.rand(S, E, generator=g).argsort(dim=1)[:, :active_experts]
-        mask = torch.zeros(S, E, dtype=torch.bool).scatter_(1, keep, True)
-        gates = gates * mask
+    if gates is None:
+        gates = torch.rand(S, E, generator=g, dtype=torch.float64) + 0.5
+        if active_experts is not None and S > 0:
+            keep = torch.rand(S, E, generator=g).argsort(dim=1)[:, :active_experts]
+            gates = gates * torch.zeros(S, E, dtype=torch.bool).scatter_(1, keep, True)
+        elif zero_gate_frac is not None:
+            gates = torch.where(torch.rand(S, E, generator=g, dtype=torch.float64) < zero_gate_frac, 0.0, gates)
     offsets = torch.tensor([0] + list(torch.tensor(list(seq_lens), dtype=torch.int64).cumsum(0).tolist()), dtype=index_dtype)
     return Problem(
         x=x,
@@ -112,6 +139,53 @@ def make_problem(
         adapter_ids=torch.tensor(list(adapter_ids), dtype=index_dtype, device=device),
         gates=gates.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32),
     )
+
+
+def make_case(*, seq_lens: Sequence[int], adapter_ids: Optional[Sequence[int]] = None, zero_gate_frac: float = 0.25,
+              dtype: torch.dtype = torch.bfloat16, **kw) -> Dict[str, Optional[torch.Tensor]]:
+    """make_problem as a dict of arguments (ARG_NAMES), with the CUDA kernel tests' defaults:
+    bfloat16, a quarter of the gates zero."""
+    if "active_experts" in kw or kw.get("gates") is not None:
+        zero_gate_frac = None
+    return make_problem(seq_lens, adapter_ids, zero_gate_frac=zero_gate_frac, dtype=dtype, **kw).as_dict()
+
+
+def case_args(case) -> tuple:
+    """The positional arguments of gated_lora_linear from a Problem, a dict (ARG_NAMES) or a tuple."""
+    if isinstance(case, Problem):
+        return case.args()
+    if isinstance(case, dict):
+        return tuple(case[k] for k in ARG_NAMES)
+    return tuple(case)
+
+
+def skewed_lens(T: int, S: int, seed: int = 0) -> List[int]:
+    """S sequence lengths summing to T, very unequal (some empty), deterministic."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(S, generator=g, dtype=torch.float64) ** 4
+    w = torch.where(torch.rand(S, generator=g, dtype=torch.float64) < 0.2, 0.0, w)
+    if float(w.sum()) == 0.0:
+        w[0] = 1.0
+    lens = (w / w.sum() * T).floor().long()
+    lens[int(w.argmax())] += T - int(lens.sum())
+    return [int(v) for v in lens]
+
+
+@contextlib.contextmanager
+def env_vars(**env: str):
+    """Set environment variables for a block, e.g. the CUDA path switches (MILORA_PDL,
+    MILORA_DECODE_MAX_TOKENS, ...; the launcher reads them at every call); the previous
+    values come back afterwards."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # Adapter slot of sequence s in the tenant-isolation problems (cycled): 0 and 2 are healthy

@@ -24,6 +24,12 @@ pip install -q ${FIND[@]+"${FIND[@]}"} "$TORCH_SPEC" wheel numpy
 # python3.11's venv bundles. Force it back, as there.
 pip install -q --no-deps --force-reinstall "$SETUPTOOLS_SPEC" 2>&1 | grep -v "dependency conflicts\|requires setuptools" || true
 pip uninstall -q -y ninja 2>/dev/null || true
+# Hide a system ninja too: a `ninja` first on PATH that fails makes torch fall back to its
+# serial (setuptools) compile, as on a machine without ninja.
+mkdir -p "$WORK/no-ninja"
+printf '#!/bin/sh\nexit 127\n' > "$WORK/no-ninja/ninja"
+chmod +x "$WORK/no-ninja/ninja"
+export PATH="$WORK/no-ninja:$PATH"
 python - <<'PY'
 import importlib.util, setuptools, torch
 from torch.utils.cpp_extension import is_ninja_available

@@ -148,3 +148,26 @@ def test_emulated_tenant_isolation(emu, path, dtype, lens, poison):
     cc.check_close(y_clean, dict(zip(cc.ARG_NAMES, clean.args())), f"isolation clean {path}")
     y_bad = emu.run(*bad.args(), path)
     assert torch.equal(y_bad[protected], y_clean[protected]), f"{path}: a poisoned adapter reached another token"
+
+
+def _misaligned(case, keys):
+    """The tensors `keys` as views one element past an aligned start (misaligned pointers)."""
+    out = dict(case)
+    for key in keys:
+        t = case[key]
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+        out[key] = buf[1:].view(t.shape)
+        out[key].copy_(t)
+    return out
+
+
+@pytest.mark.parametrize("keys", [("x",), ("weight",), ("x", "weight", "lora_a", "lora_b")], ids=["x", "w", "all"])
+@pytest.mark.parametrize("K", [64, 60])
+@pytest.mark.parametrize("path,T", [("decode", 5), ("preinit", 70), ("rmw", 70), ("fp32", 5)])
+def test_emulated_misaligned_views(emu, path, T, K, keys):
+    """Operands at odd offsets (and K % 8 != 0): the packing copies a misaligned x into an
+    aligned buffer, every other operand falls back to narrower loads on its own; the
+    emulator aborts on any misaligned vector access."""
+    dtype = torch.float32 if path == "fp32" else torch.bfloat16
+    case = _misaligned(cc.make_case(K=K, N=40, E=2, R=16, seq_lens=[T // 2, T - T // 2], dtype=dtype), keys)
+    cc.check_close(emu.run(*cc.args(case), path), case, f"misaligned {keys} {path} K={K}")

@@ -2,7 +2,7 @@
 
 Every test is skipped, with the reason, when no CUDA device is visible or when this build
 of milora_ext has no CUDA kernels; collection never touches a GPU. Accuracy rule:
-_cuda_cases.check_close (the flash-attention rule, justified there).
+milora_ext.accuracy (the flash-attention rule, justified there).
 
 MILORA_CUDA_TEST_DEVICE=cpu runs the device-independent tests of this file against the CPU
 kernel instead (a check of the tests themselves on machines without a GPU); the

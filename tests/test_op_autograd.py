@@ -6,7 +6,7 @@ import milora_ext
 from milora_ext import gated_lora_linear_ref
 from milora_ext.workloads import make_problem
 
-from op_checks import assert_within_torch_error
+from milora_ext.accuracy import assert_within_torch_error
 
 GRAD_NAMES = ["x", "weight", "bias", "lora_a", "lora_b", "gates"]
 GRAD_POS = [0, 1, 2, 3, 4, 7]

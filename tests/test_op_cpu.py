@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import milora_ext
 from milora_ext.workloads import MIXES, adapter_mix, make_problem
 
-from op_checks import check_against_reference
+from milora_ext.accuracy import check_against_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 

@@ -9,7 +9,7 @@ import torch
 import milora_ext
 from milora_ext.workloads import tenant_isolation_problem
 
-from op_checks import check_against_reference
+from milora_ext.accuracy import check_against_reference
 
 POISONS = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 LENS = {
