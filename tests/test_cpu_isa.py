@@ -13,7 +13,7 @@ from milora_ext import gated_lora_linear_ref
 from milora_ext.cpu import LEVELS
 from milora_ext.workloads import MIXES, adapter_mix, make_problem
 
-from op_checks import check_against_reference
+from milora_ext.accuracy import check_against_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SUPPORTED = milora_ext.supported_cpu_capabilities()
