@@ -85,7 +85,8 @@ def test_gradients_and_dropout():
     _randomize(layer)
     y = layer(x)
     y.sum().backward()
-    assert layer.lora_a.grad.abs().sum() > 0 and layer.lora_b.grad.abs().sum() > 0
+    own = layer.trainable_parameters_of("default")  # the trained adapter's own Parameters
+    assert own["lora_a"].grad.abs().sum() > 0 and own["lora_b"].grad.abs().sum() > 0
     assert layer.weight.grad is None
     layer.eval()
     torch.testing.assert_close(layer(x), lin(x) + _lora(x, layer, "default"), rtol=1e-5, atol=1e-5)
@@ -109,7 +110,7 @@ def test_token_routing_layer_matches_manual_moe():
             want[t] += 2.0 * w[j] * (layer.lora_b[0, e] @ (layer.lora_a[0, e] @ x[t]))
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
     y.sum().backward()
-    assert layer.router_weight.grad.abs().sum() > 0
+    assert layer.trainable_parameters_of("default")["router_weight"].grad.abs().sum() > 0
 
 
 def test_bfloat16_layer():

@@ -84,7 +84,9 @@ def test_prompt_router_top_k_gates(gate_mode):
     assert torch.equal(out.selected.gather(1, top), torch.ones(5, 3, dtype=torch.bool))
     # gradients reach weight, pooling query and the rational coefficients (soft: LM path; both: aux)
     (out.gates.squeeze(-1) * torch.arange(7.0)).sum().add(out.aux_loss).backward()
-    for p in (r.weight, r.pool_query, r.rational_num, r.rational_den):
+    own = r.trainable_parameters_of("0")  # a standalone router's slots are trainable, named by index
+    assert set(own) == {"weight", "pool_query", "rational_num", "rational_den"}
+    for p in own.values():
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 

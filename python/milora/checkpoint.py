@@ -196,11 +196,15 @@ def install_spec(model, adapter_name: str, spec: AdapterSpec) -> None:
                 if f"layers.{i}.router.rational_num" in t:
                     router.rational_num[p].copy_(t[f"layers.{i}.router.rational_num"])
                     router.rational_den[p].copy_(t[f"layers.{i}.router.rational_den"])
+    from .trainable import sync
+    sync(model)  # a trainable adapter's Parameters take the installed values
     model._changed()
 
 
 def adapter_tensors(model, adapter_name: str) -> Dict[str, Tensor]:
     """One adapter's tensors under the file names of the module docstring (CPU copies)."""
+    from .trainable import sync
+    sync(model)  # stacks up to date with the trainable Parameters
     info = model.adapters[adapter_name]
     out: Dict[str, Tensor] = {}
     for (i, m) in sorted(info.modules):
@@ -224,9 +228,10 @@ def adapter_tensors(model, adapter_name: str) -> Dict[str, Tensor]:
     return out
 
 
-def save_adapter(model, directory, adapter_name: Optional[str]) -> None:
+def save_adapter(model, directory, adapter_name: Optional[str], tensors: Optional[Dict[str, Tensor]] = None) -> None:
     """Write `adapter_name` of `model` to `directory` (created if needed), atomically: see the
-    module docstring."""
+    module docstring. tensors: the adapter's tensors when the caller already has them (a
+    trained adapter's float32 Parameters, or tensors gathered from a sharded model)."""
     from safetensors.torch import save as save_bytes
     if adapter_name is None:
         raise ValueError("save_pretrained: no active adapter; pass adapter_name")
@@ -238,7 +243,8 @@ def save_adapter(model, directory, adapter_name: Optional[str]) -> None:
         raise TypeError(f"save_pretrained: save_directory must be a path, got {type(directory).__name__}")
     directory = os.fspath(directory)
     info = model.adapters[adapter_name]
-    tensors = adapter_tensors(model, adapter_name)
+    if tensors is None:
+        tensors = adapter_tensors(model, adapter_name)
     meta = {"format": "pt", "milora_format": str(FORMAT_VERSION)}
     digest = hashlib.sha256(save_bytes(tensors)).hexdigest()  # no metadata: its order is not deterministic
     weights = save_bytes(tensors, metadata={**meta, DIGEST_KEY: digest})

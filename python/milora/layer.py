@@ -4,20 +4,22 @@
 Storage (P adapter slots, E experts per slot, rank R, in_features K, out_features N):
     weight [N, K], bias [N] or None : the wrapped nn.Linear's own Parameters, frozen and shared
                                       with the base model (never copied).
-    lora_a [P, E, R, K]             : nn.Parameter, kaiming-uniform(a=sqrt(5)) per expert like PEFT.
-    lora_b [P, E, N, R]             : nn.Parameter, zero-initialised (the adapter starts as a no-op).
-    router_weight [P, E, K] float32 : nn.Parameter, only once a token-routed adapter is loaded
+    lora_a [P, E, R, K]             : stacked buffer, kaiming-uniform(a=sqrt(5)) per expert like PEFT.
+    lora_b [P, E, N, R]             : stacked buffer, zero-initialised (the adapter starts as a no-op).
+    router_weight [P, E, K] float32 : stacked buffer, only once a token-routed adapter is loaded
                                       (the per-token MoE-LoRA router of each slot).
+    trainable.<stack>__<adapter>    : the Parameters of the adapters being trained, each exactly
+                                      that adapter's region of its slot (see milora.slots).
     scaling [P] float32 buffer      : LoRA scaling of each slot at this linear (alpha / r; 0 when
                                       the slot's adapter does not adapt this module).
 Adapters of different ranks / expert counts are zero-padded to the largest R and E (exact: a
 padded rank row of A is zero, a padded expert has gate 0). Adding or deleting an adapter
-replaces lora_a / lora_b / router_weight with new Parameters (create optimizers afterwards).
+rebuilds the stacks; the trainable adapters keep their Parameter objects (optimizers stay valid).
 
-Training one slot: autograd gives the whole stacked tensor a gradient that is exactly zero
-outside the slots the batch uses; Adam/SGD without weight decay therefore leave other slots
-unchanged, but decoupled weight decay (AdamW's default 0.01) would shrink them too: train with
-weight_decay=0 or with only the adapter being trained loaded.
+Training: only the trainable adapters' own Parameters exist as Parameters, so an optimizer
+built from `parameters()` can never move another adapter's slot (AdamW weight decay included).
+A standalone layer makes its first adapter trainable (like a PEFT LoRA layer); inside a
+MiLoRAModel the model decides which adapters are trainable.
 
 Forward modes:
   * inside a call of the MiLoRAModel that placed it (`set_routing`): the call's current
@@ -46,6 +48,7 @@ from milora_ext import gated_lora_linear
 
 from .router import select_top_k, switch_load_balance_loss
 from .routing import current_call
+from .slots import SlotStacks
 
 ADAPTER_KINDS = ("prompt", "token", "static")
 
@@ -67,7 +70,7 @@ class SlotInfo:
     gate_mode: str = "soft"
 
 
-class MiLoRALinear(nn.Module):
+class MiLoRALinear(SlotStacks, nn.Module):
     """Drop-in replacement of nn.Linear holding one or more LoRA adapter slots.
 
     `MiLoRALinear(in_features, out_features, bias=True, *, r=8, alpha=16, ...)` builds a fresh
@@ -109,6 +112,7 @@ class MiLoRALinear(nn.Module):
         if adapter_name is not None:
             self.add_adapter(adapter_name, r=r, alpha=alpha, num_experts=num_experts, kind=routing,
                              top_k=top_k, gate_mode=gate_mode, use_rslora=use_rslora)
+            self.set_trainable(True)
 
     @classmethod
     def from_linear(
@@ -134,6 +138,7 @@ class MiLoRALinear(nn.Module):
         if adapter_name is not None:
             self.add_adapter(adapter_name, r=r, alpha=alpha, num_experts=num_experts, kind=routing,
                              top_k=top_k, gate_mode=gate_mode, use_rslora=use_rslora)
+            self.set_trainable(True)
         return self
 
     def _setup(self, weight: nn.Parameter, bias: Optional[nn.Parameter], dropout: float) -> None:
@@ -147,9 +152,10 @@ class MiLoRALinear(nn.Module):
         self.bias = bias
         dev, dt = weight.device, weight.dtype
         K, N = self.in_features, self.out_features
-        self.lora_a = nn.Parameter(torch.zeros(0, 1, 1, K, device=dev, dtype=dt))
-        self.lora_b = nn.Parameter(torch.zeros(0, 1, N, 1, device=dev, dtype=dt))
-        self.register_parameter("router_weight", None)
+        self._init_slot_stacks()
+        self.register_buffer("lora_a", torch.zeros(0, 1, 1, K, device=dev, dtype=dt))
+        self.register_buffer("lora_b", torch.zeros(0, 1, N, 1, device=dev, dtype=dt))
+        self.register_buffer("router_weight", None)
         self.register_buffer("scaling", torch.zeros(0, dtype=torch.float32, device=dev), persistent=False)
         self.register_buffer("expert_mask", torch.zeros(0, 1, dtype=torch.bool, device=dev), persistent=False)
         self.register_buffer("slot_top_k", torch.zeros(0, dtype=torch.long, device=dev), persistent=False)
@@ -166,6 +172,7 @@ class MiLoRALinear(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
         self._cache = {}
+        self._after_apply()
         return out
 
     def set_routing(self, owner: object, layer_idx: int, module_idx: int) -> None:
@@ -174,6 +181,20 @@ class MiLoRALinear(nn.Module):
         self._routing_owner = owner
         self.layer_idx = int(layer_idx)
         self.module_idx = int(module_idx)
+    # ---- slot stacks (milora.slots) ----------------------------------------------------------
+
+    def _stack_names(self):
+        return ("lora_a", "lora_b", "router_weight")
+
+    def _slot_region(self, stack: str, slot: int):
+        s = self.slots[slot]
+        if s.rank == 0:
+            return (0,)
+        if stack == "lora_a":
+            return (s.num_experts, s.rank, self.in_features)
+        if stack == "lora_b":
+            return (s.num_experts, self.out_features, s.rank)
+        return (s.num_experts, self.in_features) if s.kind == "token" else (0,)
 
     # ---- introspection --------------------------------------------------------------------
 
@@ -204,11 +225,8 @@ class MiLoRALinear(nn.Module):
 
     # ---- adapter slots --------------------------------------------------------------------
 
-    def _set_param(self, name: str, value: Optional[Tensor], requires_grad: bool) -> None:
-        if value is None:
-            self.register_parameter(name, None)
-            return
-        setattr(self, name, nn.Parameter(value.contiguous(), requires_grad=requires_grad))
+    def _set_stack(self, name: str, value: Optional[Tensor]) -> None:
+        setattr(self, name, None if value is None else value.contiguous())
 
     def add_adapter(
         self,
@@ -254,7 +272,8 @@ class MiLoRALinear(nn.Module):
             E, R = 1, 1
         E2, R2 = max(E, num_experts), max(R, r, 1)
         K, N = self.in_features, self.out_features
-        dev, dt = self.weight.device, self.weight.dtype
+        dev, dt = self.lora_a.device, self.lora_a.dtype
+        self.sync_slots()
         with torch.no_grad():
             a_old = self.lora_a.detach()[:, :E, :R]
             b_old = self.lora_b.detach()[:, :E, :, :R]
@@ -273,8 +292,8 @@ class MiLoRALinear(nn.Module):
                     new_a[0, e, :r] = w.to(dt)
             elif init not in ("lora", "zeros"):
                 raise ValueError(f"MiLoRALinear.add_adapter: init must be 'lora' or 'zeros', got {init!r}")
-            self._set_param("lora_a", torch.cat([a, new_a]), self.lora_a.requires_grad)
-            self._set_param("lora_b", torch.cat([b, new_b]), self.lora_b.requires_grad)
+            self._set_stack("lora_a", torch.cat([a, new_a]))
+            self._set_stack("lora_b", torch.cat([b, new_b]))
             needs_router = (kind == "token" and r > 0) or self.router_weight is not None
             if needs_router:
                 old = (self.router_weight.detach()[:, :E] if self.router_weight is not None
@@ -284,8 +303,7 @@ class MiLoRALinear(nn.Module):
                 if kind == "token" and r > 0:
                     bound = 1.0 / math.sqrt(K)
                     new[0, :num_experts].uniform_(-bound, bound, generator=generator)
-                rg = self.router_weight.requires_grad if self.router_weight is not None else True
-                self._set_param("router_weight", torch.cat([old, new]), rg)
+                self._set_stack("router_weight", torch.cat([old, new]))
         em = torch.zeros(P + 1, E2, dtype=torch.bool, device=dev)
         em[:P, : self.expert_mask.shape[1]] = self.expert_mask
         em[P, :num_experts] = True
@@ -297,11 +315,13 @@ class MiLoRALinear(nn.Module):
         if self.active_adapter is None:
             self.active_adapter = name
         self._cache = {}
+        self._rebind_slots()
         return len(self.slots) - 1
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter `name`'s slot (later slots move down); R and E shrink to the new maxima."""
         p = self._slot(name)
+        self.sync_slots()
         keep_list = [i for i in range(len(self.slots)) if i != p]
         del self.slots[p]
         dev = self.weight.device
@@ -309,14 +329,13 @@ class MiLoRALinear(nn.Module):
         E2 = max([s.num_experts for s in self.slots], default=1)
         R2 = max([s.rank for s in self.slots] + [1])
         with torch.no_grad():
-            self._set_param("lora_a", self.lora_a.detach().index_select(0, keep)[:, :E2, :R2], self.lora_a.requires_grad)
-            self._set_param("lora_b", self.lora_b.detach().index_select(0, keep)[:, :E2, :, :R2], self.lora_b.requires_grad)
+            self._set_stack("lora_a", self.lora_a.detach().index_select(0, keep)[:, :E2, :R2])
+            self._set_stack("lora_b", self.lora_b.detach().index_select(0, keep)[:, :E2, :, :R2])
             if self.router_weight is not None:
                 if any(s.kind == "token" and s.rank > 0 for s in self.slots):
-                    self._set_param("router_weight", self.router_weight.detach().index_select(0, keep)[:, :E2],
-                                    self.router_weight.requires_grad)
+                    self._set_stack("router_weight", self.router_weight.detach().index_select(0, keep)[:, :E2])
                 else:
-                    self._set_param("router_weight", None, False)
+                    self._set_stack("router_weight", None)
         self.expert_mask = self.expert_mask.index_select(0, keep)[:, :E2].contiguous()
         self.scaling = self.scaling.index_select(0, keep)
         self.slot_top_k = self.slot_top_k.index_select(0, keep)
@@ -324,6 +343,7 @@ class MiLoRALinear(nn.Module):
         if self.active_adapter == name:
             self.active_adapter = self.slots[0].name if self.slots else None
         self._cache = {}
+        self._rebind_slots(removed=p)
 
     def set_adapter(self, name: Optional[str]) -> None:
         """Make `name` the active adapter (used when no routing state is active); None = base only."""
@@ -332,12 +352,12 @@ class MiLoRALinear(nn.Module):
         self.active_adapter = name
         self._cache = {}
 
-    def set_trainable(self, trainable: bool) -> None:
-        """requires_grad of the stacked adapter Parameters (the base weight stays frozen)."""
-        self.lora_a.requires_grad_(trainable)
-        self.lora_b.requires_grad_(trainable)
-        if self.router_weight is not None:
-            self.router_weight.requires_grad_(trainable)
+    def set_trainable(self, trainable: bool, dtype: Optional[torch.dtype] = None) -> None:
+        """Standalone use: make the active adapter trainable (its own Parameters, in `dtype`,
+        default the stack's) or, with False, none (the base weight always stays frozen).
+        A MiLoRAModel chooses the trainable adapters of its layers with set_trainable_slots."""
+        on = trainable and self.active_adapter is not None
+        self.set_trainable_slots({self.active_adapter: self._slot(self.active_adapter)} if on else {}, dtype)
 
     def get_adapter_tensors(self, name: str) -> Dict[str, Tensor]:
         """Detached copies of one adapter's weights at their own size: lora_A [E, r, K],
@@ -346,6 +366,7 @@ class MiLoRALinear(nn.Module):
         s = self.slots[p]
         if s.rank == 0:
             return {}
+        self.sync_slots()
         out = {
             "lora_A": self.lora_a.detach()[p, : s.num_experts, : s.rank].clone().contiguous(),
             "lora_B": self.lora_b.detach()[p, : s.num_experts, :, : s.rank].clone().contiguous(),
@@ -383,16 +404,17 @@ class MiLoRALinear(nn.Module):
             if s.kind == "token":
                 self.router_weight[p].zero_()
                 self.router_weight[p, : s.num_experts].copy_(tensors["router"])
+        self.sync_slots()  # a trainable adapter's Parameters take the loaded values
 
     # ---- forward --------------------------------------------------------------------------
 
     def _op(self, x: Tensor, seq_offsets: Tensor, adapter_ids: Tensor, gates: Tensor) -> Tensor:
         if self.lora_dropout > 0.0 and self.training:
             xd = F.dropout(x, self.lora_dropout, training=True)
-            y = gated_lora_linear(xd, self.weight, self.bias, self.lora_a, self.lora_b,
+            y = gated_lora_linear(xd, self.weight, self.bias, self._stacked("lora_a"), self._stacked("lora_b"),
                                   seq_offsets, adapter_ids, gates, check_indices=False)
             return y + F.linear(x - xd, self.weight)
-        return gated_lora_linear(x, self.weight, self.bias, self.lora_a, self.lora_b,
+        return gated_lora_linear(x, self.weight, self.bias, self._stacked("lora_a"), self._stacked("lora_b"),
                                  seq_offsets, adapter_ids, gates, check_indices=False)
 
     def token_gates(self, x2: Tensor, token_slots: Tensor, top_k=None, hard=None, k_max=None, single_slot=None):
@@ -404,13 +426,14 @@ class MiLoRALinear(nn.Module):
         T, K = x2.shape
         P, E = self.lora_a.shape[0], self.num_experts
         xf = x2.float()
+        router_weight = self._stacked("router_weight")
         if single_slot is not None:
-            logits = F.linear(xf, self.router_weight[single_slot].float())
+            logits = F.linear(xf, router_weight[single_slot].float())
         elif T * E * K <= TOKEN_ROUTER_GATHER_LIMIT:  # gather each token's router rows (decode steps)
-            w = self.router_weight.index_select(0, token_slots).float()  # [T, E, K]
+            w = router_weight.index_select(0, token_slots).float()  # [T, E, K]
             logits = torch.bmm(w, xf.unsqueeze(-1)).squeeze(-1)
         else:  # large prefill: score every slot, keep the token's own
-            logits = F.linear(xf, self.router_weight.view(P * E, K).float()).view(T, P, E)
+            logits = F.linear(xf, router_weight.reshape(P * E, K).float()).view(T, P, E)
             logits = logits.gather(1, token_slots.view(T, 1, 1).expand(T, 1, E)).squeeze(1)
         full = self._cache.get("token_full")
         if full is None:

@@ -171,7 +171,8 @@ class MiLoRAModel(nn.Module):
     """A causal LM with MiLoRA adapters; see the module docstring. Build with `get_milora_model`
     or `MiLoRAModel.from_pretrained`. Attributes not found here are looked up on `base_model`."""
 
-    def __init__(self, model: nn.Module, config: MiLoRAConfig, adapter_name: Optional[str] = "default") -> None:
+    def __init__(self, model: nn.Module, config: MiLoRAConfig, adapter_name: Optional[str] = "default", *,
+                 autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
         if not isinstance(config, MiLoRAConfig):
             raise TypeError(f"get_milora_model: config must be a MiLoRAConfig, got {type(config).__name__}")
@@ -195,6 +196,8 @@ class MiLoRAModel(nn.Module):
         self.adapters: Dict[str, AdapterInfo] = {}
         self.active_adapter: Optional[str] = None
         self.trainable = True
+        self.trainable_adapters: Optional[List[str]] = None  # None: the active adapter (milora.trainable)
+        self.autocast_adapter_dtype = bool(autocast_adapter_dtype)
         self._linears: Dict[Tuple[int, str], MiLoRALinear] = {}
         self._version = 0
         self._tables: Optional[SlotTables] = None
@@ -341,17 +344,23 @@ class MiLoRAModel(nn.Module):
         self.trainable = bool(trainable)
         self._apply_trainable()
 
+    def set_trainable_adapters(self, adapter_names: Optional[Sequence[str]]) -> None:
+        """Train several adapters at once: each gets its own Parameters (and so its own optimizer
+        state); a batch names each row's adapter (adapter_names) and every adapter learns from its
+        own rows only. The loss of such a batch is the sum over adapters of each adapter's mean
+        token loss over its rows (see `forward`). None: back to training the active adapter."""
+        if adapter_names is not None:
+            if isinstance(adapter_names, str):
+                raise ValueError("set_trainable_adapters: give a list of adapter names")
+            for n in adapter_names:
+                self._slot_of(n)
+            adapter_names = list(dict.fromkeys(adapter_names))
+        self.trainable_adapters = adapter_names
+        self._apply_trainable()
+
     def _apply_trainable(self) -> None:
-        kind = self.adapters[self.active_adapter].kind if self.active_adapter is not None else None
-        on = self.trainable and kind is not None
-        for lin in self._linears.values():
-            lin.lora_a.requires_grad_(on)
-            lin.lora_b.requires_grad_(on)
-            if lin.router_weight is not None:
-                lin.router_weight.requires_grad_(on and kind == "token")
-        for router in self.routers:
-            for p in router.parameters():
-                p.requires_grad_(on and kind == "prompt")
+        from . import trainable
+        trainable.apply(self)
 
     def _slot_of(self, name: str) -> int:
         for i, n in enumerate(self.adapters):
@@ -747,32 +756,25 @@ class MiLoRAModel(nn.Module):
     # ---- reporting ------------------------------------------------------------------------
 
     def num_adapter_parameters(self, adapter_name: Optional[str] = None) -> int:
-        """Number of parameters one adapter really has (its own ranks / experts / routers)."""
+        """Number of parameters adapter `adapter_name` (default: the active one) trains: its LoRA
+        A / B at its own rank and expert count, its per-token routers (token routing) or its layer
+        routers (prompt routing: [7, E, d] weights, pooling query, rational coefficients).
+        Equals the size of the Parameters it has while trainable."""
+        from . import trainable
         name = adapter_name if adapter_name is not None else self.active_adapter
         if name is None:
             return 0
-        info = self.adapters[name]
-        E = info.config.experts_per_module
-        n = 0
-        for (i, m), (r, _) in info.modules.items():
-            lin = self._linears[(i, m)]
-            n += E * r * (lin.in_features + lin.out_features)
-            if info.kind == "token":
-                n += E * lin.in_features
-        if info.kind == "prompt":
-            for i in range(self.num_layers):
-                mods = {m for (j, m) in info.modules if j == i}
-                n += len(mods) * E * self.hidden_size
-                n += self.hidden_size if info.config.pooler == "self_attn" else 0
-                n += 12 if info.config.activation == "rational" else 0
-        return n
+        return trainable.count(self, name)
+
+    def get_nb_trainable_parameters(self) -> Tuple[int, int]:
+        """(trainable parameters, all parameters), as PEFT: exactly the Parameters with
+        requires_grad (the trainable adapters' own) and every other Parameter of the model."""
+        ps = list(self.parameters())
+        return sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)
 
     def print_trainable_parameters(self) -> None:
-        """Print the active adapter's own parameter count against the base model's."""
-        base = sum(p.numel() for n, p in self.base_model.named_parameters()
-                   if not (n.endswith("lora_a") or n.endswith("lora_b") or n.endswith("router_weight")))
-        trainable = self.num_adapter_parameters() if self.trainable else 0
-        total = base + trainable
+        """Print the trainable adapters' parameter count against the whole model's, as PEFT."""
+        trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100.0 * trainable / max(total, 1):.4f}")
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import ACTIVATIONS, GATE_MODES, POOLERS
+from .slots import SlotStacks
 
 # Ra(x) = (sum_i a_i x^i, i = 0..6) / (1 + |sum_j b_j x^j, j = 1..5|) fitted to GELU on [-8, 8].
 GELU_RATIONAL_NUM = (
@@ -197,7 +198,7 @@ class RouterOutput(NamedTuple):
     aux_loss: Tensor   # 0-dim float32 Switch load-balancing loss over the counted rows
 
 
-class PromptRouter(nn.Module):
+class PromptRouter(SlotStacks, nn.Module):
     """The MiLoRA layer router, computed once per prompt.
 
     h = Pool(H) over the prompt tokens (padding excluded); g = Ra(h) (or GELU);
@@ -209,9 +210,11 @@ class PromptRouter(nn.Module):
     the paper's router; with E > 1 a selected module runs all its experts mixed by the
     router's within-module distribution (our choice; the paper has E = 1).
 
-    Parameters are stacked over adapter slots (the leading dim P): weight [P, M, E, d],
+    Weights are stacked over adapter slots (the leading dim P) in buffers: weight [P, M, E, d],
     pool_query [P, d] (self-attention pooling vector, zero-initialised = mean pooling at start),
-    rational_num [P, 7], rational_den [P, 5]. Each slot has its own pooler, activation, top-k,
+    rational_num [P, 7], rational_den [P, 5]; the slots being trained also have their own
+    Parameters (`trainable.<stack>__<slot name>`, see milora.slots; a standalone router's slots
+    are all trainable, named "0", "1", ...). Each slot has its own pooler, activation, top-k,
     gate mode and expert count (slot settings), so a batch mixing adapters is routed in one
     pass; `forward(..., slots=...)` gives each row its slot.
 
@@ -239,10 +242,11 @@ class PromptRouter(nn.Module):
         self.num_modules = int(num_modules)
         self.num_experts = int(num_experts)
         kw = dict(device=device, dtype=torch.float32)
-        self.weight = nn.Parameter(torch.empty(0, self.num_modules, self.num_experts, self.hidden_size, **kw))
-        self.pool_query = nn.Parameter(torch.empty(0, self.hidden_size, **kw))
-        self.rational_num = nn.Parameter(torch.empty(0, 7, **kw))
-        self.rational_den = nn.Parameter(torch.empty(0, 5, **kw))
+        self._init_slot_stacks()
+        self.register_buffer("weight", torch.empty(0, self.num_modules, self.num_experts, self.hidden_size, **kw))
+        self.register_buffer("pool_query", torch.empty(0, self.hidden_size, **kw))
+        self.register_buffer("rational_num", torch.empty(0, 7, **kw))
+        self.register_buffer("rational_den", torch.empty(0, 5, **kw))
         self.register_buffer("slot_pooler", torch.empty(0, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("slot_activation", torch.empty(0, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("slot_top_k", torch.empty(0, dtype=torch.long, device=device), persistent=False)
@@ -251,6 +255,25 @@ class PromptRouter(nn.Module):
         self.slot_settings: List[dict] = []
         for _ in range(num_slots):
             self.add_slot(pooler=pooler, activation=activation, top_k=top_k, gate_mode=gate_mode, num_experts=num_experts)
+        if num_slots:
+            self.set_trainable_slots({str(i): i for i in range(num_slots)})
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._after_apply()
+        return out
+
+    def _stack_names(self):
+        return ("weight", "pool_query", "rational_num", "rational_den")
+
+    def _slot_region(self, stack: str, slot: int):
+        st = self.slot_settings[slot]
+        if stack == "weight":
+            return (self.num_modules, st["num_experts"], self.hidden_size)
+        if stack == "pool_query":
+            return (self.hidden_size,) if st["pooler"] == "self_attn" else (0,)
+        on = st["activation"] == "rational"
+        return ((7,) if stack == "rational_num" else (5,)) if on else (0,)
 
     @property
     def num_slots(self) -> int:
@@ -296,6 +319,7 @@ class PromptRouter(nn.Module):
             raise ValueError(f"PromptRouter: unknown gate_mode {gate_mode!r}; choose one of {list(GATE_MODES)}")
         if top_k < 1 or num_experts < 1:
             raise ValueError("PromptRouter: top_k and num_experts must be >= 1")
+        self.sync_slots()
         self._grow_experts(num_experts)
         dev = self.weight.device
         d, M, E = self.hidden_size, self.num_modules, self.num_experts
@@ -315,6 +339,7 @@ class PromptRouter(nn.Module):
         self.slot_hard = torch.cat([self.slot_hard, torch.tensor([gate_mode == "hard"], device=dev)])
         self.slot_expert_mask = torch.cat([self.slot_expert_mask, em])
         self.slot_settings.append(dict(pooler=pooler, activation=activation, top_k=int(top_k), gate_mode=gate_mode, num_experts=int(num_experts)))
+        self._rebind_slots()
         return self.num_slots - 1
 
     def remove_slot(self, slot: int) -> None:
@@ -322,6 +347,7 @@ class PromptRouter(nn.Module):
         P = self.num_slots
         if not 0 <= slot < P:
             raise IndexError(f"PromptRouter.remove_slot: slot {slot} out of range [0, {P})")
+        self.sync_slots()
         keep = torch.tensor([p for p in range(P) if p != slot], dtype=torch.long, device=self.weight.device)
         del self.slot_settings[slot]
         E_new = max([s["num_experts"] for s in self.slot_settings], default=1)
@@ -335,6 +361,7 @@ class PromptRouter(nn.Module):
         self.slot_hard = self.slot_hard.index_select(0, keep)
         self.slot_expert_mask = self.slot_expert_mask.index_select(0, keep)[:, :E_new].contiguous()
         self.num_experts = E_new
+        self._rebind_slots(removed=slot)
 
     # ---- routing --------------------------------------------------------------------------
 
@@ -380,7 +407,7 @@ class PromptRouter(nn.Module):
         pooler_codes = sorted({_POOLER_CODE[s["pooler"]] for s in settings})
         for code in pooler_codes:
             name = POOLERS[code]
-            q = self.pool_query.index_select(0, slots).float() if name == "self_attn" else None
+            q = self._stacked("pool_query").index_select(0, slots).float() if name == "self_attn" else None
             out = pool_hidden(h, mask, name, q)
             pooled = out if pooled is None else torch.where((self.slot_pooler.index_select(0, slots) == code).unsqueeze(-1), out, pooled)
 
@@ -389,14 +416,14 @@ class PromptRouter(nn.Module):
         g = None
         for code in act_codes:
             if ACTIVATIONS[code] == "rational":
-                out = rational_function(pooled, self.rational_num.index_select(0, slots).float(),
-                                        self.rational_den.index_select(0, slots).float())
+                out = rational_function(pooled, self._stacked("rational_num").index_select(0, slots).float(),
+                                        self._stacked("rational_den").index_select(0, slots).float())
             else:
                 out = F.gelu(pooled)
             g = out if g is None else torch.where((self.slot_activation.index_select(0, slots) == code).unsqueeze(-1), out, g)
 
         # logits over (module, expert) pairs, masked to what the row's adapter has
-        w = self.weight.index_select(0, slots).float().view(B, M * E, self.hidden_size)
+        w = self._stacked("weight").index_select(0, slots).float().reshape(B, M * E, self.hidden_size)
         logits = torch.bmm(w, g.unsqueeze(-1)).view(B, M, E)
         valid = module_mask.unsqueeze(-1) & self.slot_expert_mask.index_select(0, slots).unsqueeze(1)
         any_valid = valid.flatten(1).any(-1).view(B, 1, 1)

@@ -1,0 +1,163 @@
+"""Which adapters of a MiLoRAModel train, in what dtype, and how their Parameters are read,
+counted, saved and loaded (the model calls these; see milora.slots for the storage).
+
+* The trainable adapters are `model.trainable_adapters` (default: the active adapter) when the
+  model is trainable. Each gets its own Parameters in every linear (LoRA A / B, and the per-token
+  router of a token-routed adapter) and every layer router (prompt-routed adapters): exactly its
+  own sizes, nothing of any other adapter. So `[p for p in model.parameters() if p.requires_grad]`
+  is exactly what trains, and `num_adapter_parameters` counts exactly that.
+* dtype: with `autocast_adapter_dtype=True` (default, as PEFT) the Parameters of adapters trained
+  on a 16-bit (bf16 / fp16) base are float32 master weights; the serving stacks keep the model's
+  dtype and each training forward casts the trainable slots into them (one cast of the adapter's
+  own weights per linear per forward; `milora-bench train` measures what it costs). With False
+  they are in the model's dtype. Routers are always float32.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .config import MODULE_INDEX, MODULE_NAMES
+from .slots import SlotStacks, param_key
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def base_dtype(model) -> torch.dtype:
+    for lin in model._linears.values():
+        return lin.weight.dtype
+    return torch.float32
+
+
+def adapter_param_dtype(model) -> Optional[torch.dtype]:
+    """dtype of new trainable LoRA Parameters: float32 on a 16-bit base with
+    autocast_adapter_dtype, else None (the stack's dtype)."""
+    if getattr(model, "autocast_adapter_dtype", True) and base_dtype(model) in HALF:
+        return torch.float32
+    return None
+
+
+def trainable_names(model) -> List[str]:
+    """The adapters that train now (empty when the model is frozen)."""
+    if not model.trainable:
+        return []
+    names = model.trainable_adapters
+    if names is None:
+        names = [model.active_adapter] if model.active_adapter is not None else []
+    return [n for n in names if n in model.adapters]
+
+
+def apply(model) -> None:
+    """Give exactly the trainable adapters their own Parameters in every linear and router (the
+    same Parameter objects when they already had them)."""
+    names = trainable_names(model)
+    slot = {n: model._slot_of(n) for n in names}
+    kinds = {n: model.adapters[n].kind for n in names}
+    dtype = adapter_param_dtype(model)
+    for lin in model._linears.values():
+        lin.set_trainable_slots(slot, dtype)
+    prompt = {n: s for n, s in slot.items() if kinds[n] == "prompt"}
+    for router in model.routers:
+        router.set_trainable_slots(prompt)
+
+
+def slot_modules(model) -> Iterable[SlotStacks]:
+    return list(model._linears.values()) + list(model.routers)
+
+
+def sync(model) -> None:
+    """Bring every stack up to date with the trainable Parameters (before reading stacks)."""
+    for m in slot_modules(model):
+        m.sync_slots()
+
+
+def count(model, name: str) -> int:
+    """Number of parameters adapter `name` trains: the sizes of the Parameters it gets when
+    trainable (its own regions of every stack)."""
+    slot = model._slot_of(name)
+    info = model.adapters[name]
+    n = 0
+    for lin in model._linears.values():
+        for stack in lin._stack_names():
+            if getattr(lin, stack) is not None:
+                n += _numel(lin._slot_region(stack, slot))
+    if info.kind == "prompt":
+        for router in model.routers:
+            for stack in router._stack_names():
+                n += _numel(router._slot_region(stack, slot))
+    return n
+
+
+def _numel(region) -> int:
+    out = 1
+    for d in region:
+        out *= int(d)
+    return out
+
+
+# ---- the trained adapters' tensors, from the Parameters or from a (gathered) state dict -------
+
+
+def _param_names(model) -> Dict[int, str]:
+    """id(Parameter) -> its name relative to the MiLoRAModel, without FSDP / checkpoint wrapper
+    segments (the names a gathered full state dict uses)."""
+    out = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        out[id(p)] = n.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+    return out
+
+
+def _reader(model, state_dict: Optional[Dict[str, Tensor]]) -> Callable[[SlotStacks, str, str], Tensor]:
+    """(module, stack, adapter) -> the adapter's trained region: from `state_dict` when given
+    (keys as model.state_dict() names them), else from the Parameter (an FSDP2 DTensor is
+    gathered: a collective, every rank must call)."""
+    names = _param_names(model) if state_dict is not None else None
+
+    def read(module: SlotStacks, stack: str, adapter: str) -> Tensor:
+        p = module.trainable[param_key(stack, adapter)]
+        if state_dict is not None:
+            key = names.get(id(p))
+            if key is None or key not in state_dict:
+                raise KeyError(f"save_pretrained: the state_dict given has no entry for {key or stack} of adapter {adapter!r}")
+            t = state_dict[key]
+        else:
+            t = p
+        full = getattr(t, "full_tensor", None)
+        if callable(full):
+            t = full()
+        return t.detach()
+
+    return read
+
+
+def trained_tensors(model, name: str, state_dict: Optional[Dict[str, Tensor]] = None) -> Dict[str, Tensor]:
+    """Adapter `name` (trainable) under the file names of milora.checkpoint, read from its
+    Parameters or from `state_dict`; stacks are not read (they may be stale or sharded)."""
+    info = model.adapters[name]
+    read = _reader(model, state_dict)
+    out: Dict[str, Tensor] = {}
+    for (i, m) in sorted(info.modules):
+        lin = model._linears[(i, m)]
+        out[f"layers.{i}.{m}.lora_A"] = read(lin, "lora_a", name).to(lin.lora_a.dtype)
+        out[f"layers.{i}.{m}.lora_B"] = read(lin, "lora_b", name).to(lin.lora_b.dtype)
+        if info.kind == "token":
+            out[f"layers.{i}.{m}.router"] = read(lin, "router_weight", name).float()
+    if info.kind == "prompt":
+        layers_mods: Dict[int, list] = {}
+        for (i, m) in info.modules:
+            layers_mods.setdefault(i, []).append(m)
+        for i, mods in sorted(layers_mods.items()):
+            r = model.routers[i]
+            w = read(r, "weight", name).float()
+            for m in mods:
+                out[f"layers.{i}.router.{m}.weight"] = w[MODULE_INDEX[m]].contiguous()
+            if info.config.pooler == "self_attn":
+                out[f"layers.{i}.router.pool_query"] = read(r, "pool_query", name).float()
+            if info.config.activation == "rational":
+                out[f"layers.{i}.router.rational_num"] = read(r, "rational_num", name).float()
+                out[f"layers.{i}.router.rational_den"] = read(r, "rational_den", name).float()
+    return {k: v.cpu().contiguous() for k, v in out.items()}
