@@ -778,9 +778,10 @@ class MiLoRAModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100.0 * trainable / max(total, 1):.4f}")
 
 
-def get_milora_model(model: nn.Module, config: MiLoRAConfig, adapter_name: Optional[str] = "default") -> MiLoRAModel:
+def get_milora_model(model: nn.Module, config: MiLoRAConfig, adapter_name: Optional[str] = "default", *,
+                     autocast_adapter_dtype: bool = True) -> MiLoRAModel:
     """Wrap a LLaMA-family causal LM with MiLoRA (in place: its target linears are replaced by
     MiLoRALinear sharing the frozen base weights). adapter_name=None wraps without creating an
     adapter (e.g. to load adapters afterwards). Raises ValueError naming missing modules for
     models of another structure."""
-    return MiLoRAModel(model, config, adapter_name=adapter_name)
+    return MiLoRAModel(model, config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)

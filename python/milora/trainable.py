@@ -142,8 +142,8 @@ def trained_tensors(model, name: str, state_dict: Optional[Dict[str, Tensor]] = 
     out: Dict[str, Tensor] = {}
     for (i, m) in sorted(info.modules):
         lin = model._linears[(i, m)]
-        out[f"layers.{i}.{m}.lora_A"] = read(lin, "lora_a", name).to(lin.lora_a.dtype)
-        out[f"layers.{i}.{m}.lora_B"] = read(lin, "lora_b", name).to(lin.lora_b.dtype)
+        out[f"layers.{i}.{m}.lora_A"] = read(lin, "lora_a", name)  # the Parameters' dtype (float32 masters)
+        out[f"layers.{i}.{m}.lora_B"] = read(lin, "lora_b", name)
         if info.kind == "token":
             out[f"layers.{i}.{m}.router"] = read(lin, "router_weight", name).float()
     if info.kind == "prompt":
@@ -161,3 +161,70 @@ def trained_tensors(model, name: str, state_dict: Optional[Dict[str, Tensor]] = 
                 out[f"layers.{i}.router.rational_num"] = read(r, "rational_num", name).float()
                 out[f"layers.{i}.router.rational_den"] = read(r, "rational_den", name).float()
     return {k: v.cpu().contiguous() for k, v in out.items()}
+
+
+def _check_fits(model, name: str, tensors: Dict[str, Tensor]) -> None:
+    for (i, m) in model.adapters[name].modules:
+        lin = model._linears[(i, m)]
+        own = lin.trainable_parameters_of(name)
+        for stack, fname in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
+            t = tensors[f"layers.{i}.{m}.{fname}"]
+            if tuple(own[stack].shape) != tuple(t.shape):
+                raise ValueError(f"MiLoRA: layers.{i}.{m}.{fname} has shape {tuple(t.shape)}, adapter {name!r} has "
+                                 f"{tuple(own[stack].shape)} (a sharded Parameter? pass state_dict= gathered first)")
+
+
+def save_trained(model, directory, state_dict=None, is_main_process: bool = True) -> List[str]:
+    """Write every trainable adapter (Trainer checkpoints): the first of `trainable_names`
+    (the active adapter when it trains) into `directory`, each other one into
+    `directory/<name>`. Tensors come from the Parameters (or `state_dict`); every rank must
+    call under FSDP2 (DTensors are gathered), only `is_main_process` writes."""
+    from .checkpoint import save_adapter
+    names = trainable_names(model)
+    if not names:
+        raise ValueError("MiLoRA: no adapter is trainable; nothing to save as a training checkpoint")
+    order = sorted(names, key=lambda n: n != model.active_adapter)
+    for k, name in enumerate(order):
+        tensors = trained_tensors(model, name, state_dict)
+        _check_fits(model, name, tensors)
+        if is_main_process:
+            save_adapter(model, directory if k == 0 else os.path.join(directory, name), name, tensors=tensors)
+    return order
+
+
+@torch.no_grad()
+def load_trained(model, directory) -> List[str]:
+    """Copy a training checkpoint written by save_trained back into the same Parameters (in
+    place, exact: float32 masters stay float32), then into the serving stacks. The files must
+    describe the adapters as they are (same kind, modules, ranks)."""
+    from .checkpoint import read_adapter_dir, validate_spec
+    names = trainable_names(model)
+    order = sorted(names, key=lambda n: n != model.active_adapter)
+    for k, name in enumerate(order):
+        src = directory if k == 0 else os.path.join(directory, name)
+        spec = read_adapter_dir(src)
+        validate_spec(model.layers, getattr(model.base_model, "config", None), spec, os.fspath(src))
+        info = model.adapters[name]
+        if spec.kind != info.kind or dict(spec.modules) != dict(info.modules):
+            raise ValueError(f"MiLoRA: {src} holds a {spec.kind} adapter with other modules / ranks than adapter {name!r}")
+        t = spec.tensors
+        for (i, m) in info.modules:
+            own = model._linears[(i, m)].trainable_parameters_of(name)
+            own["lora_a"].copy_(t[f"layers.{i}.{m}.lora_A"])
+            own["lora_b"].copy_(t[f"layers.{i}.{m}.lora_B"])
+            if info.kind == "token":
+                own["router_weight"].copy_(t[f"layers.{i}.{m}.router"])
+        if info.kind == "prompt":
+            E = info.config.experts_per_module
+            for i, router in enumerate(model.routers):
+                own = router.trainable_parameters_of(name)
+                for m in MODULE_NAMES:
+                    key = f"layers.{i}.router.{m}.weight"
+                    if key in t:
+                        own["weight"][MODULE_INDEX[m], :E].copy_(t[key])
+                for stack in ("pool_query", "rational_num", "rational_den"):
+                    key = f"layers.{i}.router.{stack}"
+                    if key in t:
+                        own[stack].copy_(t[key])
+    sync(model)
+    return order

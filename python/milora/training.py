@@ -1,0 +1,201 @@
+"""Training with HF Trainer: the data collator, the output class, the per-adapter loss, and the
+Trainer subclass that writes adapter-only checkpoints.
+
+Why a Trainer subclass (`MiLoRATrainer`): transformers' Trainer special-cases PEFT by class
+(`isinstance(model, PeftModel)` in `_save`, `_load_from_checkpoint` and `_load_best_model`); any
+other nn.Module gets its whole state dict written (the frozen base model included) and read back
+with `load_state_dict`. There is no hook a non-PEFT model can implement to change that, so
+`MiLoRATrainer` overrides exactly those three methods and nothing else: checkpoints hold the
+trained adapters' files (milora_config.json + adapter_model.safetensors: LoRA + router weights
+and config), load with `MiLoRAModel.from_pretrained(base, checkpoint_dir)`, and
+`resume_from_checkpoint` copies them back into the same Parameters (the optimizer state Trainer
+restores stays attached), so training continues bit-identically. A plain `transformers.Trainer`
+also trains a MiLoRAModel with default arguments; only its checkpoints are full state dicts.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:  # the output class is a transformers ModelOutput: DDP / Trainer rebuild it field by field
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+except ImportError:  # pragma: no cover - transformers is a dependency of the model layer
+    CausalLMOutputWithPast = object  # type: ignore
+
+from .checkpoint import CONFIG_NAME
+
+
+@dataclass
+class MiLoRACausalLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus `aux_loss`: the mean load-balancing loss of the routers of
+    this forward (0 if none). `loss` already includes load_balance_coef * aux_loss."""
+
+    aux_loss: Optional[Tensor] = None
+
+
+def prompt_mask_from_labels(labels: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    """The prompt the routers pool over when no prompt_mask is given: the tokens whose label is
+    -100 (ignored by the LM loss), without padding. A row with no such token (every token is a
+    target) pools over all its tokens (attention_mask)."""
+    valid = attention_mask.to(torch.bool) if attention_mask is not None else torch.ones_like(labels, dtype=torch.bool)
+    prompt = (labels == -100) & valid
+    empty = ~prompt.any(dim=1, keepdim=True)
+    return torch.where(empty, valid, prompt).to(torch.long)
+
+
+def per_adapter_lm_loss(logits: Tensor, labels: Tensor, row_groups: Sequence[Tensor]) -> Tensor:
+    """Sum over adapters of each adapter's own mean next-token loss over its rows' target tokens.
+
+    row_groups: one long tensor of row indices per adapter. With this normalisation the gradient
+    of adapter a equals the gradient of training a alone on its rows (mean over its own target
+    tokens), whatever the other rows hold."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    total = logits.new_zeros((), dtype=torch.float32)
+    for rows in row_groups:
+        lg = shift_logits.index_select(0, rows)
+        lb = shift_labels.index_select(0, rows)
+        n = (lb != -100).sum()
+        if int(n) == 0:
+            continue
+        total = total + F.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100,
+                                        reduction="sum") / n
+    return total
+
+
+class MiLoRADataCollator:
+    """Pads every column MiLoRA uses and stacks them into tensors.
+
+    Each example is a dict with `input_ids` and optionally `attention_mask`, `labels`,
+    `prompt_mask` (lists or 1-D tensors of one length per example) and `adapter_names` (one
+    adapter name, a string; the batch gets the list). Padding: input_ids with pad_token_id,
+    attention_mask and prompt_mask with 0, labels with label_pad_token_id (-100). Missing
+    attention_mask = all ones; missing labels stay missing (the model then computes no loss);
+    padding_side "right" (training) or "left".
+    """
+
+    def __init__(self, tokenizer=None, *, pad_token_id: Optional[int] = None, label_pad_token_id: int = -100,
+                 padding_side: str = "right", pad_to_multiple_of: Optional[int] = None) -> None:
+        if pad_token_id is None and tokenizer is not None:
+            pad_token_id = getattr(tokenizer, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = 0
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"MiLoRADataCollator: padding_side must be 'right' or 'left', got {padding_side!r}")
+        if pad_to_multiple_of is not None and int(pad_to_multiple_of) < 1:
+            raise ValueError("MiLoRADataCollator: pad_to_multiple_of must be >= 1")
+        self.pad_token_id = int(pad_token_id)
+        self.label_pad_token_id = int(label_pad_token_id)
+        self.padding_side = padding_side
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    PAD_COLUMNS = ("input_ids", "attention_mask", "labels", "prompt_mask")
+
+    def __call__(self, features: List[Dict[str, Any]]) -> Dict[str, Any]:
+        if not features:
+            raise ValueError("MiLoRADataCollator: empty batch")
+        seqs = {k: [] for k in self.PAD_COLUMNS}
+        for i, f in enumerate(features):
+            if "input_ids" not in f:
+                raise ValueError(f"MiLoRADataCollator: example {i} has no input_ids")
+            ids = torch.as_tensor(f["input_ids"], dtype=torch.long).reshape(-1)
+            n = ids.numel()
+            seqs["input_ids"].append(ids)
+            for k in ("attention_mask", "labels", "prompt_mask"):
+                if k in f and f[k] is not None:
+                    v = torch.as_tensor(f[k], dtype=torch.long).reshape(-1)
+                    if v.numel() != n:
+                        raise ValueError(f"MiLoRADataCollator: example {i}: {k} has {v.numel()} entries, input_ids {n}")
+                    seqs[k].append(v)
+                elif k == "attention_mask":
+                    seqs[k].append(torch.ones(n, dtype=torch.long))
+        L = max(s.numel() for s in seqs["input_ids"])
+        if self.pad_to_multiple_of:
+            m = int(self.pad_to_multiple_of)
+            L = (L + m - 1) // m * m
+        pads = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": self.label_pad_token_id, "prompt_mask": 0}
+        batch: Dict[str, Any] = {}
+        for k, rows in seqs.items():
+            if not rows:
+                continue
+            if len(rows) != len(features):
+                raise ValueError(f"MiLoRADataCollator: {k} is given for some examples but not all")
+            out = torch.full((len(rows), L), pads[k], dtype=torch.long)
+            for r, v in enumerate(rows):
+                if self.padding_side == "right":
+                    out[r, : v.numel()] = v
+                else:
+                    out[r, L - v.numel():] = v
+            batch[k] = out
+        names = [f.get("adapter_names") for f in features]
+        if any(n is not None for n in names):
+            bad = [n for n in names if n is not None and not isinstance(n, str)]
+            if bad:
+                raise ValueError(f"MiLoRADataCollator: adapter_names of an example must be one adapter name (a string), got {bad[0]!r}")
+            batch["adapter_names"] = names
+        return batch
+
+
+def _unwrap(model):
+    """The MiLoRAModel inside DDP / FSDP / accelerate wrappers (or None)."""
+    from .model import MiLoRAModel
+    seen = 0
+    while not isinstance(model, MiLoRAModel) and seen < 8:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return None
+        model, seen = inner, seen + 1
+    return model if isinstance(model, MiLoRAModel) else None
+
+
+def _make_trainer_class():
+    from transformers import Trainer
+
+    class MiLoRATrainer(Trainer):
+        """transformers.Trainer whose checkpoints hold only the trained adapters (see the module
+        docstring for why a subclass). Everything else is Trainer's own behaviour."""
+
+        def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+            model = _unwrap(self.model)
+            if model is None:
+                return super()._save(output_dir, state_dict)
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            if self.args.should_save:
+                os.makedirs(output_dir, exist_ok=True)
+            # every rank calls: FSDP2 parameters are gathered collectively
+            model.save_trained(output_dir, state_dict=state_dict, is_main_process=self.args.should_save)
+            if not self.args.should_save:
+                return
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            from transformers.trainer import TRAINING_ARGS_NAME
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+            target = _unwrap(model if model is not None else self.model)
+            if target is None or not os.path.isfile(os.path.join(resume_from_checkpoint, CONFIG_NAME)):
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            target.load_trained(resume_from_checkpoint)
+
+        def _load_best_model(self) -> None:
+            target = _unwrap(self.model)
+            best = self.state.best_model_checkpoint
+            if target is None or best is None or not os.path.isfile(os.path.join(best, CONFIG_NAME)):
+                return super()._load_best_model()
+            target.load_trained(best)
+
+    return MiLoRATrainer
+
+
+def __getattr__(name: str):
+    # MiLoRATrainer is built on first use, so `import milora` does not import Trainer.
+    if name == "MiLoRATrainer":
+        cls = _make_trainer_class()
+        globals()["MiLoRATrainer"] = cls
+        return cls
+    raise AttributeError(name)
