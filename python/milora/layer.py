@@ -181,6 +181,7 @@ class MiLoRALinear(SlotStacks, nn.Module):
         self._routing_owner = owner
         self.layer_idx = int(layer_idx)
         self.module_idx = int(module_idx)
+
     # ---- slot stacks (milora.slots) ----------------------------------------------------------
 
     def _stack_names(self):
