@@ -40,7 +40,7 @@ def _slot_views(model, name):
     return {n: t[slot].clone() for n, t in _stacks(model).items() if t.dim() > 0 and t.shape[0] > slot}
 
 
-@pytest.mark.parametrize("opt_name", ["adamw", "sgd_momentum"])
+@pytest.mark.parametrize("opt_name", ["adamw", "adamw_fused", "sgd_momentum"])
 def test_training_a_never_moves_other_adapters(opt_name):
     model = _three_kinds()
     ids, labels = _batch()
@@ -48,8 +48,8 @@ def test_training_a_never_moves_other_adapters(opt_name):
     with torch.no_grad():
         logits_before = {n: model(input_ids=ids, adapter_names=[n] * 4).logits for n in ("t", "p")}
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = (torch.optim.AdamW(params, lr=1e-2, weight_decay=0.5) if opt_name == "adamw"
-           else torch.optim.SGD(params, lr=1e-2, momentum=0.9, weight_decay=0.5))
+    opt = (torch.optim.AdamW(params, lr=1e-2, weight_decay=0.5, fused=opt_name == "adamw_fused")
+           if opt_name.startswith("adamw") else torch.optim.SGD(params, lr=1e-2, momentum=0.9, weight_decay=0.5))
     model.train()
     for step in range(2):
         # a mixed batch: rows of the other adapters too; only "a" trains

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .config import MODULE_INDEX, MODULE_NAMES, MODULE_PARENTS, MiLoRAConfig
 from .layer import MiLoRALinear
-from .router import PromptRouter
+from .router import PromptRouter, switch_load_balance_loss
 from .routing import (BatchPlan, CallContext, PromptGates, Request, SlotTables, TokenSettings, attach_gates,
                       current_call, enter as enter_call, gates_of)
 
@@ -198,6 +198,7 @@ class MiLoRAModel(nn.Module):
         self.trainable = True
         self.trainable_adapters: Optional[List[str]] = None  # None: the active adapter (milora.trainable)
         self.autocast_adapter_dtype = bool(autocast_adapter_dtype)
+        self._adapters_disabled = False
         self._linears: Dict[Tuple[int, str], MiLoRALinear] = {}
         self._version = 0
         self._tables: Optional[SlotTables] = None
@@ -406,7 +407,10 @@ class MiLoRAModel(nn.Module):
 
     def _make_request(self, adapter_names, batch_size: int, device, mask: Optional[Tensor], collect_aux: bool,
                       route_once: bool = False) -> Request:
-        """The Request of one call: each row's slot from adapter_names (default: the active adapter)."""
+        """The Request of one call: each row's slot from adapter_names (default: the active adapter).
+        Inside `disable_adapter()` every row is the base model."""
+        if self._adapters_disabled:
+            adapter_names = [None] * batch_size
         if adapter_names is None:
             names = [self.active_adapter] * batch_size
         else:
@@ -457,7 +461,7 @@ class MiLoRAModel(nn.Module):
     def _direct_request(self, B: int, device) -> Request:
         """The request of a direct call of the wrapped HF model (no MiLoRAModel call around it):
         the active adapter on every row. Cached per (B, device) and adapter set."""
-        key = (B, device, self._version, self.active_adapter)
+        key = (B, device, self._version, self.active_adapter, self._adapters_disabled)
         req = self._direct_requests.get(key)
         if req is None:
             if len(self._direct_requests) > 16:
@@ -584,7 +588,16 @@ class MiLoRAModel(nn.Module):
             out = self.routers[i](hidden, mask=plan.pool_mask, slots=rows.slots_clamped, module_mask=scale > 0,
                                   aux_rows=rows.is_prompt, slots_present=req.prompt_slots)
             w = out.gates
-            ctx.add_aux(out.aux_loss)
+            trained = getattr(req, "train_slots", ())
+            if trained:  # several adapters trained at once: each adapter's own Switch loss over its own rows
+                per = []
+                for s in trained:
+                    own = rows.slots == s
+                    n = ((scale > 0) & own.unsqueeze(-1)).any(0).sum().to(torch.float32)
+                    per.append(switch_load_balance_loss(out.probs, own, n))
+                ctx.add_aux(torch.stack(per))
+            else:
+                ctx.add_aux(out.aux_loss)
             if len(kinds) > 1:
                 w = torch.where(rows.is_prompt.view(B, 1, 1), w, static)
         else:
@@ -620,15 +633,26 @@ class MiLoRAModel(nn.Module):
         return max(coefs) if coefs else 0.0
 
     def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None, *,
-                prompt_mask: Optional[Tensor] = None, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs):
+                labels: Optional[Tensor] = None, prompt_mask: Optional[Tensor] = None,
+                adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs):
         """Training / scoring forward: the base model's forward with MiLoRA routing.
 
         adapter_names: one adapter name per row (None or "base" = base model); default: the
         active adapter for every row. prompt_mask [B, L]: 1 on the prompt tokens the routers
-        pool over (padding and response tokens 0); default: attention_mask, else every token.
+        pool over (padding and response tokens 0). Default: with labels, the tokens whose label
+        is -100 (the prompt of an SFT example; a row without any pools over all its tokens);
+        without labels, attention_mask, else every token. An explicit prompt_mask wins.
         With labels, loss = LM loss + load_balance_coef * aux_loss (the largest coef among the
-        batch's adapters). The output also carries `aux_loss`: the mean over routers (layer
-        routers, or per-linear routers for token routing) of their Switch losses (0 if none).
+        batch's adapters). The output (MiLoRACausalLMOutput) also carries `aux_loss`: the mean
+        over routers (layer routers, or per-linear routers for token routing) of their Switch
+        losses (0 if none).
+
+        Several adapters trained at once (`set_trainable_adapters`) with two or more of them among
+        the rows: loss = sum over those adapters a of [mean token loss over a's rows +
+        load_balance_coef_a * aux_a], aux_a = a's Switch loss over its own rows (mean over
+        layers). Each adapter's gradient is then the gradient of training it alone on its rows
+        (rows of other, frozen adapters are run but not in the loss). Per-token-routed adapters'
+        Switch losses are pooled over their rows (not separated).
 
         Without a cache (or with an empty one) this forward routes from its own tokens and, with
         use_cache, stores the gates with the returned cache. A forward that continues a non-empty
@@ -640,22 +664,70 @@ class MiLoRAModel(nn.Module):
             if not isinstance(prompt_mask, Tensor) or tuple(prompt_mask.shape) != (B, L):
                 raise ValueError(f"MiLoRA: prompt_mask must have shape {(B, L)} (like input_ids), got "
                                  f"{tuple(prompt_mask.shape) if isinstance(prompt_mask, Tensor) else type(prompt_mask).__name__}")
+        from .training import MiLoRACausalLMOutput, per_adapter_lm_loss, prompt_mask_from_labels
+        if prompt_mask is None and isinstance(labels, Tensor) and tuple(labels.shape) == (B, L):
+            prompt_mask = prompt_mask_from_labels(labels, attention_mask)
         req = self._make_request(adapter_names, B, dev, prompt_mask, collect_aux=True)
+        trained = self._trained_slots_in(req)
+        req.train_slots = trained if len(trained) > 1 else ()
+        if req.train_slots and labels is not None:
+            return self._forward_several(req, input_ids, attention_mask, labels, kwargs)
         with self.routing(req) as ctx:
-            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        if ctx.aux:
-            aux = torch.stack([a.float() for a in ctx.aux]).mean()
-        else:
-            aux = torch.zeros((), dtype=torch.float32, device=dev)
-        has_labels = kwargs.get("labels") is not None
+            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        aux = self._mean_aux(ctx.aux, dev)
+        has_labels = labels is not None
         if isinstance(out, tuple):  # return_dict=False: (loss, logits, ...) + (aux_loss,)
             if has_labels:
                 out = (out[0] + self._lb_coef(req) * aux.to(out[0].dtype),) + tuple(out[1:])
             return tuple(out) + (aux,)
         if has_labels and getattr(out, "loss", None) is not None:
             out.loss = out.loss + self._lb_coef(req) * aux.to(out.loss.dtype)
-        out["aux_loss"] = aux
-        return out
+        return MiLoRACausalLMOutput(**dict(out.items()), aux_loss=aux)
+
+    @staticmethod
+    def _mean_aux(aux_list, dev) -> Tensor:
+        if not aux_list:
+            return torch.zeros((), dtype=torch.float32, device=dev)
+        return torch.stack([a.float().mean() for a in aux_list]).mean()
+
+    def _trained_slots_in(self, req: Request) -> Tuple[int, ...]:
+        """Slots of the trainable adapters present among the request's rows."""
+        from .trainable import trainable_names
+        names = trainable_names(self)
+        if len(names) < 2:
+            return ()
+        present = set(req.slots)
+        return tuple(s for s in sorted(self._slot_of(n) for n in names) if s in present)
+
+    def _forward_several(self, req: Request, input_ids, attention_mask, labels: Tensor, kwargs):
+        """Several trainable adapters in one batch: the per-adapter loss of `forward`'s docstring."""
+        from .training import MiLoRACausalLMOutput, per_adapter_lm_loss
+        kwargs.pop("num_items_in_batch", None)  # the normalisation is per adapter, not per batch
+        return_dict = kwargs.pop("return_dict", True)
+        dev = labels.device
+        with self.routing(req) as ctx:
+            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        slots = torch.tensor(req.slots, device=dev)
+        groups = [torch.nonzero(slots == s).flatten() for s in req.train_slots]
+        loss = per_adapter_lm_loss(out.logits, labels, groups)
+        infos = list(self.adapters.values())
+        per_slot = [a.float() for a in ctx.aux if a.dim() == 1]
+        reported = [a.float() for a in ctx.aux if a.dim() == 0]
+        if per_slot:
+            per = torch.stack(per_slot).mean(0)  # [number of trained adapters], mean over layers
+            for k, s in enumerate(req.train_slots):
+                if infos[s].kind == "prompt":
+                    loss = loss + infos[s].config.load_balance_coef * per[k]
+            reported.append(per.mean())
+        aux = self._mean_aux(reported, dev)
+        token_coef = max([infos[s].config.load_balance_coef for s in req.train_slots if infos[s].kind == "token"], default=0.0)
+        scalar = [a.float() for a in ctx.aux if a.dim() == 0]
+        if scalar and token_coef:
+            loss = loss + token_coef * torch.stack(scalar).mean()
+        fields = dict(out.items())
+        fields["loss"] = loss.to(out.logits.dtype) if out.logits.dtype == torch.float64 else loss
+        result = MiLoRACausalLMOutput(**fields, aux_loss=aux)
+        return result if return_dict else result.to_tuple()
 
     def generate(self, *args, adapter_names: Optional[Sequence[Optional[str]]] = None,
                  prompt_mask: Optional[Tensor] = None, **kwargs):
@@ -705,10 +777,42 @@ class MiLoRAModel(nn.Module):
 
     # ---- save / load ----------------------------------------------------------------------
 
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], adapter_name: Optional[str] = None) -> None:
-        """Write one adapter (default: the active one) as milora_config.json + adapter_model.safetensors."""
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], adapter_name: Optional[str] = None, *,
+                        state_dict: Optional[Dict[str, Tensor]] = None, is_main_process: bool = True, **kwargs) -> None:
+        """Write one adapter (default: the active one) as milora_config.json + adapter_model.safetensors.
+
+        A trainable adapter is written from its Parameters (float32 master weights stay float32).
+        Sharded training (as PEFT): under FSDP2 every rank calls save_pretrained (its DTensor
+        Parameters are gathered) and only `is_main_process` writes; under FSDP1 pass the gathered
+        full `state_dict` (FSDP.state_dict_type FULL_STATE_DICT; the keys are model.state_dict()'s).
+        Other keyword arguments of PEFT's save_pretrained (safe_serialization, ...) are accepted and
+        ignored: milora always writes safetensors."""
+        from . import trainable
         from .checkpoint import save_adapter
-        save_adapter(self, save_directory, adapter_name if adapter_name is not None else self.active_adapter)
+        name = adapter_name if adapter_name is not None else self.active_adapter
+        if name is None:
+            raise ValueError("save_pretrained: no active adapter; pass adapter_name")
+        if name not in self.adapters:
+            raise ValueError(f"save_pretrained: unknown adapter {name!r}; loaded adapters: {list(self.adapters)}")
+        tensors = None
+        if name in trainable.trainable_names(self):
+            tensors = trainable.trained_tensors(self, name, state_dict)
+            trainable._check_fits(self, name, tensors)
+        if is_main_process:
+            save_adapter(self, save_directory, name, tensors=tensors)
+
+    def save_trained(self, save_directory: Union[str, os.PathLike], *, state_dict: Optional[Dict[str, Tensor]] = None,
+                     is_main_process: bool = True) -> List[str]:
+        """Training checkpoint (MiLoRATrainer): every trainable adapter, the active one in
+        save_directory and each other one in save_directory/<name>. Returns their names."""
+        from .trainable import save_trained
+        return save_trained(self, save_directory, state_dict, is_main_process)
+
+    def load_trained(self, directory: Union[str, os.PathLike]) -> List[str]:
+        """Resume (MiLoRATrainer): copy a save_trained checkpoint back into the same Parameters,
+        exactly, so that a restored optimizer continues bit-identically."""
+        from .trainable import load_trained
+        return load_trained(self, directory)
 
     def load_adapter(self, directory: Union[str, os.PathLike], adapter_name: str) -> None:
         """Load an adapter saved by save_pretrained under the name `adapter_name`. Everything is
@@ -752,6 +856,59 @@ class MiLoRAModel(nn.Module):
         install_spec(model, adapter_name, spec)
         model.eval()
         return model
+
+    # ---- PEFT parity ----------------------------------------------------------------------
+
+    @contextmanager
+    def disable_adapter(self):
+        """Context manager: inside it every forward / generate runs the base model (adapter_names
+        are ignored), as PEFT's disable_adapter()."""
+        previous = self._adapters_disabled
+        self._adapters_disabled = True
+        try:
+            yield
+        finally:
+            self._adapters_disabled = previous
+
+    @property
+    def active_adapters(self) -> List[str]:
+        """As PEFT: the adapters used when no adapter_names are given (the active adapter), or
+        the adapters being trained when several are (set_trainable_adapters)."""
+        if self.trainable_adapters:
+            return list(self.trainable_adapters)
+        return [self.active_adapter] if self.active_adapter is not None else []
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped HF causal LM (also `self.base_model`; PEFT's `base_model` is its tuner
+        wrapper, whose `.model` is this module)."""
+        return self.base_model
+
+    def push_to_hub(self, *args, **kwargs):
+        raise NotImplementedError(
+            "MiLoRAModel.push_to_hub is not supported (the wrapped model's would upload the base model, not the "
+            "adapter). Write the adapter with model.save_pretrained(dir) (or model.save_peft_adapter(dir) for a "
+            "PEFT-loadable static adapter) and upload that folder, e.g. huggingface_hub.upload_folder(folder_path=dir, "
+            "repo_id=...).")
+
+    def save_peft_adapter(self, save_directory: Union[str, os.PathLike], adapter_name: Optional[str] = None) -> None:
+        """Write a static (or constantly-routed) adapter in PEFT's own LoRA format; see milora.peft_export."""
+        from .peft_export import save_peft_adapter
+        from .trainable import sync
+        sync(self)
+        save_peft_adapter(self, save_directory, adapter_name)
+
+    def merge_and_unload(self, adapter_name: Optional[str] = None, *, safe_merge: bool = False) -> nn.Module:
+        """Merge a static (or constantly-routed) adapter into the base weights and return the HF
+        model without MiLoRA (routed adapters are refused); see milora.peft_export."""
+        from .peft_export import merge_and_unload
+        from .trainable import sync
+        sync(self)
+        return merge_and_unload(self, adapter_name, safe_merge=safe_merge)
+
+    def unload(self) -> nn.Module:
+        """Remove MiLoRA (layers, routers, hooks) and return the HF model with its original weights."""
+        from .peft_export import unload
+        return unload(self)
 
     # ---- reporting ------------------------------------------------------------------------
 

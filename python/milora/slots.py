@@ -10,7 +10,8 @@ of the slot (its rank and experts, no zero padding): `trainable.<stack>__<adapte
 float32 on a 16-bit model by default (master weights; see `MiLoRAModel`'s adapter_dtype).
 
 Who holds the truth: while an adapter is trainable its Parameters do; its slot in the stack is a
-copy, kept in step by version counters (`Tensor._version` grows on every in-place write):
+copy, kept in step by version counters (`Tensor._version` grows on every in-place write) and by counting optimizer steps (a fused
+optimizer writes without bumping versions):
   * every forward first syncs (below: a slot-sized copy after an optimizer step), then
   * a forward with autograd builds the stack it hands to the op out of place, with the trainable
     regions taken from the Parameters (cast to the stack's dtype): gradients reach the
@@ -28,7 +29,20 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch import Tensor
+
+# Optimizer steps seen so far (any torch optimizer). A fused optimizer (AdamW(fused=True), the
+# Trainer's default) writes Parameters without bumping their version counters, so a step is
+# also a reason to copy the Parameters into their slots.
+_STEPS = [0]
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_step)
 
 Region = Tuple[int, ...]  # the adapter's own sizes of the slot's dims (a prefix box of the padded slot)
 
@@ -39,12 +53,13 @@ def param_key(stack: str, adapter: str) -> str:
 
 
 class _Entry:
-    __slots__ = ("adapter", "slot", "key", "region", "param_seen", "stack_seen")
+    __slots__ = ("adapter", "slot", "key", "region", "param_seen", "stack_seen", "step_seen")
 
     def __init__(self, adapter: str, slot: int, key: str, region: Region) -> None:
         self.adapter, self.slot, self.key, self.region = adapter, slot, key, region
         self.param_seen: Tuple[int, int] = (-1, -1)   # (data_ptr, _version) of the Parameter at the last sync
         self.stack_seen: Tuple[int, int] = (-1, -1)   # (data_ptr, _version) of the stack at the last sync
+        self.step_seen = _STEPS[0]                     # optimizer steps at the last sync
 
 
 def _state(t: Tensor) -> Tuple[int, int]:
@@ -148,13 +163,13 @@ class SlotStacks:
                     continue  # FSDP2 shard outside its forward: read through state_dict / full_tensor
                 idx = (e.slot,) + tuple(slice(0, n) for n in e.region)
                 stack_moved = _state(buf) != e.stack_seen
-                param_moved = _state(p) != e.param_seen
+                param_moved = _state(p) != e.param_seen or _STEPS[0] != e.step_seen
                 if param_moved or not stack_moved:
                     if param_moved:
                         buf[idx].copy_(p.detach().to(buf.dtype))
                 elif p.shape == buf[idx].shape:  # the slot was written (a load): it wins
                     p.copy_(buf[idx].to(p.dtype))
-                e.param_seen, e.stack_seen = _state(p), _state(buf)
+                e.param_seen, e.stack_seen, e.step_seen = _state(p), _state(buf), _STEPS[0]
 
     def _stacked(self, stack: str) -> Tensor:
         """The stack a forward hands to the op (see the module docstring)."""
