@@ -164,14 +164,16 @@ def trained_tensors(model, name: str, state_dict: Optional[Dict[str, Tensor]] = 
 
 
 def _check_fits(model, name: str, tensors: Dict[str, Tensor]) -> None:
+    """The trained tensors have the adapter's own shapes (a still-sharded Parameter would not)."""
+    slot = model._slot_of(name)
     for (i, m) in model.adapters[name].modules:
         lin = model._linears[(i, m)]
-        own = lin.trainable_parameters_of(name)
         for stack, fname in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
             t = tensors[f"layers.{i}.{m}.{fname}"]
-            if tuple(own[stack].shape) != tuple(t.shape):
-                raise ValueError(f"MiLoRA: layers.{i}.{m}.{fname} has shape {tuple(t.shape)}, adapter {name!r} has "
-                                 f"{tuple(own[stack].shape)} (a sharded Parameter? pass state_dict= gathered first)")
+            want = tuple(lin._slot_region(stack, slot))
+            if tuple(t.shape) != want:
+                raise ValueError(f"MiLoRA: layers.{i}.{m}.{fname} has shape {tuple(t.shape)}, adapter {name!r} has {want}: "
+                                 "a sharded Parameter (FSDP1)? Pass the gathered full state_dict (state_dict=...)")
 
 
 def save_trained(model, directory, state_dict=None, is_main_process: bool = True) -> List[str]:
