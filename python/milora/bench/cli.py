@@ -5,6 +5,7 @@ generate benchmark, with an environment header, markdown tables, --json and --pl
     milora-bench layer [options]      one linear layer, every method (see milora.bench.methods)
     milora-bench generate [options]   tokens/s of a LLaMA-style decoder, B tenants (see milora.bench.generate)
     milora-bench quality [options]    LoRA vs MOELoRA vs MiLoRA quality at equal budgets (see milora.bench.quality)
+    milora-bench train [options]      training steps: float32-adapter cost, several adapters at once (milora.bench.train)
 
 See docs/benchmarks.md.
 """
@@ -25,7 +26,7 @@ from .timing import environment, format_env
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-SUBCOMMANDS = ("layer", "generate", "quality", "all")
+SUBCOMMANDS = ("layer", "generate", "quality", "train", "all")
 
 
 # ---- argument types (each raises a message argparse prints as a usage error) -------------
@@ -160,11 +161,23 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile-rows", type=_positive, default=25)
 
 
+def _train_args(p: argparse.ArgumentParser) -> None:
+    from .train import DEFAULTS
+    p.add_argument("--model", choices=sorted(MODEL_PRESETS), default=DEFAULTS["model"], help="model shape preset (random weights)")
+    p.add_argument("--dtype", type=_dtype, default=DEFAULTS["dtype"], help="base model dtype (default bfloat16)")
+    p.add_argument("--adapters", type=_positive, default=DEFAULTS["adapters"], help="adapters trained at once")
+    p.add_argument("--rows", type=_positive, default=DEFAULTS["rows"], help="rows per adapter")
+    p.add_argument("--seq-len", type=_positive, default=DEFAULTS["seq_len"])
+    p.add_argument("--rank", type=_positive, default=DEFAULTS["rank"])
+    p.add_argument("--repeats", type=_positive, default=DEFAULTS["repeats"])
+    p.add_argument("--warmup", type=_non_negative, default=DEFAULTS["warmup"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="milora-bench", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Run `milora-bench SUBCOMMAND -h` for the options of each bench.")
-    sub = ap.add_subparsers(dest="command", metavar="{layer,generate,quality,all}")
+    sub = ap.add_subparsers(dest="command", metavar="{layer,generate,quality,train,all}")
     p_layer = sub.add_parser("layer", help="one linear layer, every method (see docs/benchmarks.md)")
     _layer_args(p_layer)
     _common(p_layer)
@@ -176,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                          description=quality_bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     quality_bench.add_args(p_q)
     _common(p_q)
+    p_train = sub.add_parser("train", help="training steps: float32-adapter cost, several adapters at once")
+    _train_args(p_train)
+    _common(p_train)
     p_all = sub.add_parser("all", help="the quick default: headline rows of both benches (what no arguments runs)")
     _common(p_all)
     return ap
@@ -228,6 +244,15 @@ def _generate(args, device) -> List[Dict]:
     return [dict(r, env=env) for r in recs]
 
 
+def _train(args, device) -> List[Dict]:
+    from . import train as train_bench
+    if device.type != "cpu":
+        raise SystemExit("milora-bench train: CPU only for now (--device cpu)")
+    print("# milora-bench train")
+    return train_bench.run(args.model, args.dtype, args.adapters, args.rows, args.seq_len, args.rank,
+                           args.repeats, args.warmup)
+
+
 def _all(args, device) -> List[Dict]:
     """The quick default: layer preset quick (caches flushed before every timed call, the
     condition the layer targets are defined under), then generate preset quick."""
@@ -253,7 +278,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from . import quality as quality_bench
-    runner = {"layer": _layer, "generate": _generate, "quality": quality_bench.run_cli, "all": _all}[args.command]
+    runner = {"layer": _layer, "generate": _generate, "quality": quality_bench.run_cli, "train": _train,
+              "all": _all}[args.command]
     records = runner(args, device)
     if args.json:
         with open(args.json, "w") as f:
