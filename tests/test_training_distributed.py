@@ -23,8 +23,12 @@ def results(tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     root = os.path.dirname(HERE)
     env["PYTHONPATH"] = os.pathsep.join([HERE, os.path.join(root, "python"), root, env.get("PYTHONPATH", "")])
+    import socket
+    with socket.socket() as sock:  # a free local port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           "--master_port=0", os.path.join(HERE, "dist_worker.py"), str(out)] + SCENARIOS
+           f"--master_port={port}", os.path.join(HERE, "dist_worker.py"), str(out)] + SCENARIOS
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     res = {}

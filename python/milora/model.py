@@ -664,7 +664,9 @@ class MiLoRAModel(nn.Module):
             if not isinstance(prompt_mask, Tensor) or tuple(prompt_mask.shape) != (B, L):
                 raise ValueError(f"MiLoRA: prompt_mask must have shape {(B, L)} (like input_ids), got "
                                  f"{tuple(prompt_mask.shape) if isinstance(prompt_mask, Tensor) else type(prompt_mask).__name__}")
-        from .training import MiLoRACausalLMOutput, per_adapter_lm_loss, prompt_mask_from_labels
+        from .training import MiLoRACausalLMOutput, prompt_mask_from_labels
+        from .trainable import sync
+        sync(self)  # trainable adapters' slots up to date before a possibly compiled forward
         if prompt_mask is None and isinstance(labels, Tensor) and tuple(labels.shape) == (B, L):
             prompt_mask = prompt_mask_from_labels(labels, attention_mask)
         req = self._make_request(adapter_names, B, dev, prompt_mask, collect_aux=True)
@@ -757,6 +759,8 @@ class MiLoRAModel(nn.Module):
             if isinstance(am, Tensor) and am.dim() == 2 and tuple(am.shape) == (B, L):
                 mask = am
         req = self._make_request(adapter_names, B, dev, mask, collect_aux=False, route_once=True)
+        from .trainable import sync
+        sync(self)  # trainable adapters' slots up to date before a possibly compiled decode
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if _cache_length(cache) > 0:
             self._empty_cache(cache)
@@ -792,6 +796,8 @@ class MiLoRAModel(nn.Module):
         name = adapter_name if adapter_name is not None else self.active_adapter
         if name is None:
             raise ValueError("save_pretrained: no active adapter; pass adapter_name")
+        if not isinstance(name, str):
+            raise TypeError(f"save_pretrained: adapter_name must be a string, got {type(name).__name__}")
         if name not in self.adapters:
             raise ValueError(f"save_pretrained: unknown adapter {name!r}; loaded adapters: {list(self.adapters)}")
         tensors = None

@@ -72,6 +72,10 @@ def _local(t: Tensor) -> Tensor:
     return full() if callable(full) else t
 
 
+def _sync_before_state_dict(module, prefix, keep_vars) -> None:
+    module.sync_slots()
+
+
 class SlotStacks:
     """Mixin for nn.Modules with stacked per-slot tensors (registered as buffers)."""
 
@@ -79,6 +83,8 @@ class SlotStacks:
         self.trainable = nn.ParameterDict()
         self._entries: Dict[str, List[_Entry]] = {}  # stack name -> entries (slot order)
         self._index_cache: Dict = {}
+        # a state dict shows stacks and Parameters in step (a slot written by a load, a Parameter by a step)
+        self.register_state_dict_pre_hook(_sync_before_state_dict)
 
     # ---- what the subclass provides ---------------------------------------------------------
 
@@ -159,8 +165,10 @@ class SlotStacks:
             buf = getattr(self, stack)
             for e in entries:
                 p = self.trainable[e.key]
-                if isinstance(p, nn.Parameter) and hasattr(p, "full_tensor"):
-                    continue  # FSDP2 shard outside its forward: read through state_dict / full_tensor
+                if hasattr(p, "full_tensor") or tuple(p.shape) != e.region:
+                    # a shard outside its forward (FSDP2 DTensor, FSDP1 flat view): synced inside the
+                    # forward, where the Parameter is whole; saved through state_dict= / full_tensor
+                    continue
                 idx = (e.slot,) + tuple(slice(0, n) for n in e.region)
                 stack_moved = _state(buf) != e.stack_seen
                 param_moved = _state(p) != e.param_seen or _STEPS[0] != e.step_seen
@@ -177,7 +185,8 @@ class SlotStacks:
         entries = self._entries.get(stack)
         if not entries:
             return buf
-        self.sync_slots()
+        if not torch.compiler.is_compiling():  # a compiled region cannot sync; the model syncs once per call
+            self.sync_slots()
         params = [self.trainable[e.key] for e in entries]
         if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             return buf

@@ -70,9 +70,11 @@ def slot_modules(model) -> Iterable[SlotStacks]:
 
 
 def sync(model) -> None:
-    """Bring every stack up to date with the trainable Parameters (before reading stacks)."""
+    """Bring every stack up to date with the trainable Parameters (before reading stacks, and
+    once per model call, outside any compiled region)."""
     for m in slot_modules(model):
-        m.sync_slots()
+        if m.has_trainable_slots():
+            m.sync_slots()
 
 
 def count(model, name: str) -> int:
@@ -138,6 +140,8 @@ def trained_tensors(model, name: str, state_dict: Optional[Dict[str, Tensor]] = 
     """Adapter `name` (trainable) under the file names of milora.checkpoint, read from its
     Parameters or from `state_dict`; stacks are not read (they may be stale or sharded)."""
     info = model.adapters[name]
+    if state_dict is None:
+        sync(model)  # slots written since the last sync (a load) reach the Parameters first
     read = _reader(model, state_dict)
     out: Dict[str, Tensor] = {}
     for (i, m) in sorted(info.modules):
