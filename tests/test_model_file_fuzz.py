@@ -1,8 +1,9 @@
 """Fuzz-style sweep over many malformed adapter directories (MiLoRA format and PEFT format).
 
 Each one must either be refused with a ValueError / TypeError / FileNotFoundError whose message is
-ours (names the file / field, no raw library error), with the model bit-identical afterwards, or
-load exactly what the files say. No pickle is ever loaded. Deterministic (fixed seeds)."""
+ours (names the file / field, no raw library error), with the model bit-identical afterwards (and
+from_pretrained / from_peft refuse it too, leaving a fresh base model unwrapped and bit-identical),
+or load exactly what the files say. No pickle is ever loaded. Deterministic (fixed seeds)."""
 import json
 import math
 import os
@@ -14,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from milora import MiLoRAConfig
+from milora import MiLoRAConfig, MiLoRAModel
 from milora.checkpoint import adapter_tensors
-from milora_test_utils import assert_state_equal, milora_model, snapshot_state
+from milora_test_utils import assert_state_equal, milora_model, snapshot_state, tiny_model
 from adversarial_files import write_peft_dir
 
 REFUSALS = (ValueError, TypeError, FileNotFoundError)
@@ -62,10 +63,13 @@ def _set(doc, path, value):
 class Judge:
     """Runs one load attempt and checks the outcome."""
 
-    def __init__(self, model):
+    def __init__(self, model, wrap=None):
         self.model = model
         self.snap = snapshot_state(model)
         self.refused = self.loaded = 0
+        self.wrap = wrap  # wrap(base): MiLoRAModel.from_pretrained / from_peft of the same directory
+        self.base = tiny_model(seed=3)
+        self.base_snap = snapshot_state(self.base)
 
     def __call__(self, label, load, verify):
         try:
@@ -76,6 +80,11 @@ class Judge:
             assert self.model.adapter_names == ["keep"], label
             assert_state_equal(self.model, self.snap)
             self.refused += 1
+            if self.wrap is not None:  # wrapping a fresh base model with it is refused too, the base untouched
+                with pytest.raises(REFUSALS):
+                    self.wrap(self.base)
+                assert_state_equal(self.base, self.base_snap)
+                assert type(self.base.model.layers[0].self_attn.q_proj) is torch.nn.Linear, label
             return
         except Exception as e:  # noqa: BLE001 - anything else is the bug this test looks for
             raise AssertionError(f"{label}: unexpected {type(e).__name__}: {str(e)[:300]}") from e
@@ -160,10 +169,10 @@ def _tensor_cases(t):
 
 def test_fuzz_milora_directories(world, tmp_path, no_pickle):
     root, model = world
-    judge = Judge(model)
+    d = tmp_path / "d"
+    judge = Judge(model, wrap=lambda base: MiLoRAModel.from_pretrained(base, d))
     good_doc = json.loads((root / "good" / "milora_config.json").read_text())
     good_w = (root / "good" / "adapter_model.safetensors").read_bytes()
-    d = tmp_path / "d"
     shutil.copytree(root / "good", d)
     cfg, w = d / "milora_config.json", d / "adapter_model.safetensors"
     load = lambda: model.load_adapter(d, "fz")  # noqa: E731
@@ -230,9 +239,9 @@ def test_fuzz_milora_directories(world, tmp_path, no_pickle):
 
 def test_fuzz_peft_directories(world, tmp_path, no_pickle):
     root, model = world
-    judge = Judge(model)
-    good_cfg = json.loads((root / "peft" / "adapter_config.json").read_text())
     d = tmp_path / "p"
+    judge = Judge(model, wrap=lambda base: MiLoRAModel.from_peft(base, d))
+    good_cfg = json.loads((root / "peft" / "adapter_config.json").read_text())
     shutil.copytree(root / "peft", d)
     cfg, w = d / "adapter_config.json", d / "adapter_model.safetensors"
     load = lambda: model.load_peft_adapter(d, "fz")  # noqa: E731
