@@ -40,6 +40,7 @@ from torch import Tensor
 
 from .config import MODULE_INDEX, MODULE_NAMES, MODULE_PARENTS, MiLoRAConfig
 from .layer import MiLoRALinear
+from .continuous_batching import NOT_FROM_BASE_MODEL, ContinuousBatchingMixin
 from .router import PromptRouter, switch_load_balance_loss
 from .routing import (BatchPlan, CallContext, PromptGates, Request, SlotTables, TokenSettings, attach_gates,
                       current_call, enter as enter_call, gates_of)
@@ -167,9 +168,10 @@ def _cache_length(cache) -> int:
 # ---- the model ----------------------------------------------------------------------------
 
 
-class MiLoRAModel(nn.Module):
+class MiLoRAModel(ContinuousBatchingMixin, nn.Module):
     """A causal LM with MiLoRA adapters; see the module docstring. Build with `get_milora_model`
-    or `MiLoRAModel.from_pretrained`. Attributes not found here are looked up on `base_model`."""
+    or `MiLoRAModel.from_pretrained`. Attributes not found here are looked up on `base_model`
+    (except the continuous-batching ones: the base model's would serve without adapters)."""
 
     def __init__(self, model: nn.Module, config: MiLoRAConfig, adapter_name: Optional[str] = "default", *,
                  autocast_adapter_dtype: bool = True) -> None:
@@ -230,7 +232,7 @@ class MiLoRAModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_model":
+            if name == "base_model" or name in NOT_FROM_BASE_MODEL:
                 raise
             return getattr(self.base_model, name)
 
