@@ -21,6 +21,7 @@ import torch
 
 from . import generate as gen_bench
 from . import layer as layer_bench
+from . import serving as serving_bench
 from .models import PRESETS as MODEL_PRESETS
 from .timing import environment, format_env
 
@@ -159,6 +160,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", choices=gen_bench.METHODS, metavar="METHOD",
                    help="after the table, profile one beam-1 generate of METHOD and print the top ops")
     p.add_argument("--profile-rows", type=_positive, default=25)
+    serving_bench.add_args(p)
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -237,6 +239,10 @@ def _layer(args, device) -> List[Dict]:
 
 
 def _generate(args, device) -> List[Dict]:
+    if args.scenario == "serving":
+        ss = serving_bench.settings_from_args(args)
+        env = _header(device, [args.dtype], "generate --scenario serving")
+        return [dict(r, env=env) for r in serving_bench.run(ss, device, args.dtype, progress=args.progress)]
     s = gen_bench.settings_from_args(args)
     env = _header(device, [args.dtype], f"generate (preset {args.preset})")
     recs = gen_bench.run(s, device, args.dtype, progress=args.progress, profile=args.profile,
