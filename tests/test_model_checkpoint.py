@@ -148,3 +148,90 @@ def test_model_with_missing_module_is_rejected(saved):
     base.model.layers[1].mlp.down_proj = nn.Identity()
     with pytest.raises(ValueError, match=r"target modules not found.*model\.layers\.1\.mlp\.down_proj"):
         MiLoRAModel.from_pretrained(base, tmp_path / "good")
+
+
+# ---- installing is all or nothing (issue 8 point 6, issue 10 points 2 and 9) ----------------------
+
+
+def _fail_on_call(monkeypatch, cls, name, n):
+    """Make cls.name raise on its n-th call (1-based)."""
+    real = getattr(cls, name)
+    calls = {"n": 0}
+
+    def flaky(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError("injected failure")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(cls, name, flaky)
+
+
+def _base_layout(base):
+    """Everything about a base model except its tensors (compared with snapshot_state)."""
+    return dict(grad={n: p.requires_grad for n, p in base.named_parameters()},
+                modules=[(n, type(m).__name__) for n, m in base.named_modules()],
+                params=[id(p) for p in base.parameters()],
+                hooks=sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in base.modules()))
+
+
+@pytest.mark.parametrize("site", [("MiLoRALinear", "add_adapter", 9), ("PromptRouter", "add_slot", 2),
+                                  ("MiLoRALinear", "set_adapter_tensors", 3)])
+def test_a_failed_load_leaves_model_and_base_bit_identical(tmp_path, monkeypatch, site):
+    import milora
+    src, _ = milora_model(seed=4, config=CONFIGS["prompt"])  # the same base weights as `model`
+    src.save_pretrained(tmp_path / "full")
+    # a model that adapts q_proj only: loading the 7-module adapter wraps 6 more linears per layer
+    model, _ = milora_model(seed=4, config=MiLoRAConfig(r=2, alpha=4, target_modules=["q_proj"]))
+    model.train()
+    ids = _ids(5)
+    before_out = model(input_ids=ids).logits.detach()
+    snap, base_snap, layout = snapshot_state(model), snapshot_state(model.base_model), _base_layout(model.base_model)
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    ids_of_params = [id(p) for p in model.parameters()]
+    cls = getattr(milora, site[0])
+    with monkeypatch.context() as mp:
+        _fail_on_call(mp, cls, site[1], site[2])
+        with pytest.raises(RuntimeError, match="injected failure"):
+            model.load_adapter(tmp_path / "full", "full")
+    assert_state_equal(model, snap)
+    assert _base_layout(model.base_model) == layout
+    assert_state_equal(model.base_model, base_snap)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert [id(p) for p in model.parameters()] == ids_of_params
+    assert model.adapter_names == ["default"] and len(model.milora_linears()) == 2
+    assert torch.equal(model(input_ids=ids).logits.detach(), before_out)
+    # later loads work
+    model.load_adapter(tmp_path / "full", "full")
+    model.eval()
+    want = src.eval()(input_ids=ids).logits
+    torch.testing.assert_close(model(input_ids=ids, adapter_names=["full"] * 3).logits, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("entry", ["from_pretrained", "from_peft"])
+@pytest.mark.parametrize("bad", ["name_base", "name_empty", "install"])
+def test_from_files_leave_the_base_model_untouched_on_failure(tmp_path, monkeypatch, entry, bad):
+    import milora
+    src, _ = milora_model(seed=5, config=CONFIGS["prompt"])
+    if entry == "from_pretrained":
+        src.save_pretrained(tmp_path)
+    else:
+        peft = pytest.importorskip("peft")
+        pm = peft.get_peft_model(tiny_model(seed=5), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    p.normal_()
+        pm.save_pretrained(tmp_path)
+    base = tiny_model(seed=6)
+    snap, layout = snapshot_state(base), _base_layout(base)
+    load = getattr(MiLoRAModel, entry)
+    name = {"name_base": "base", "name_empty": "", "install": "ok"}[bad]
+    with monkeypatch.context() as mp:
+        if bad == "install":
+            _fail_on_call(mp, milora.MiLoRALinear, "set_adapter_tensors", 2)
+        with pytest.raises((ValueError, RuntimeError)):
+            load(base, tmp_path, adapter_name=name)
+    assert _base_layout(base) == layout
+    assert_state_equal(base, snap)
+    assert load(base, tmp_path, adapter_name="ok").adapter_names == ["ok"]  # and it still loads

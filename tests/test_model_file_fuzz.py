@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from milora import MiLoRAConfig, MiLoRAModel
-from milora.checkpoint import adapter_tensors
 from milora_test_utils import assert_state_equal, milora_model, snapshot_state, tiny_model
 from adversarial_files import write_peft_dir
 
@@ -103,7 +102,7 @@ def _verify_milora(model, d):
     assert {f"layers.{i}.{m}": (r, s) for (i, m), (r, s) in info.modules.items()} == \
         {k: (v["rank"], float(v["scaling"])) for k, v in doc["modules"].items()}
     want = load_file(d / "adapter_model.safetensors")
-    got = adapter_tensors(model, "fz")
+    got = model.adapter_spec("fz").tensors
     assert set(got) == set(want)
     for k in want:
         assert torch.equal(got[k], want[k].to(got[k].dtype)), k
@@ -135,7 +134,7 @@ def _verify_peft(model, d):
     assert set(info.modules) == set(want)
     for key, (r, s) in want.items():
         assert info.modules[key][0] == r and info.modules[key][1] == pytest.approx(s, rel=1e-12), key
-    got = adapter_tensors(model, "fz")
+    got = model.adapter_spec("fz").tensors
     for i, m, parent in names:
         a = t[f"base_model.model.model.layers.{i}.{parent}.{m}.lora_A.weight"]
         assert torch.equal(got[f"layers.{i}.{m}.lora_A"][0], a)

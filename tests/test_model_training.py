@@ -223,3 +223,32 @@ def test_trainer_with_gradient_checkpointing_trains(tmp_path):
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
     moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p.detach(), before[n])]
     assert any("router" in n for n in moved) and any("lora_b" in n for n in moved)
+
+
+@pytest.mark.parametrize("routing", ["prompt", "token"])
+def test_to_bfloat16_keeps_routers_and_scaling_float32(tmp_path, routing):
+    """model.to(torch.bfloat16) == the same adapter loaded onto a bfloat16 base (issue 10 point 7)."""
+    import milora
+    cfg = MiLoRAConfig(r=4, alpha=8, routing=routing, experts_per_module=2 if routing == "token" else 1, top_k=2)
+    model, _ = milora_model(seed=11, config=cfg)
+    model.save_pretrained(tmp_path / "fp32")
+    model.to(torch.bfloat16)
+    for r in model.routers:
+        assert all(p.dtype == torch.float32 for p in r.parameters())
+    for lin in model.milora_linears().values():
+        assert lin.scaling.dtype == torch.float32 and lin.lora_a.dtype == torch.bfloat16
+        assert lin.weight.dtype == torch.bfloat16
+        if routing == "token":
+            assert lin.router_weight.dtype == torch.float32
+    loaded = milora.MiLoRAModel.from_pretrained(tiny_model(seed=11, dtype=torch.bfloat16), tmp_path / "fp32")
+    ids = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    # re-saving writes the float32 routers unrounded
+    model.save_pretrained(tmp_path / "again")
+    from safetensors.torch import load_file
+    a, b = load_file(tmp_path / "fp32" / "adapter_model.safetensors"), load_file(tmp_path / "again" / "adapter_model.safetensors")
+    for k in a:
+        if "router" in k:
+            assert b[k].dtype == torch.float32 and torch.equal(a[k], b[k]), k

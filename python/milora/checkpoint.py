@@ -42,7 +42,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -51,6 +51,7 @@ from .config import (FLOAT32_MAX, MAX_RANK, MODULE_INDEX, MODULE_NAMES, MiLoRACo
                      short_repr)
 from .files import parse_json, read_json_file, read_regular_file, write_files_atomically
 from .layer import ADAPTER_KINDS
+from .targets import get_target_linear, module_path
 
 CONFIG_NAME = "milora_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -80,7 +81,6 @@ def _hidden_size(layers, model_config) -> int:
     d = getattr(model_config, "hidden_size", None)
     if d is not None:
         return int(d)
-    from .model import get_target_linear
     for m in MODULE_NAMES:
         lin = get_target_linear(layers, 0, m)
         if lin is not None and m != "down_proj":
@@ -90,7 +90,6 @@ def _hidden_size(layers, model_config) -> int:
 
 def expected_shapes(layers, model_config, spec: AdapterSpec) -> Dict[str, tuple]:
     """Tensor name -> shape that `spec` must provide for this model (modules must exist)."""
-    from .model import get_target_linear
     E = spec.config.experts_per_module
     d = _hidden_size(layers, model_config)
     shapes: Dict[str, tuple] = {}
@@ -117,7 +116,6 @@ def expected_shapes(layers, model_config, spec: AdapterSpec) -> Dict[str, tuple]
 
 def validate_spec(layers, model_config, spec: AdapterSpec, source: str) -> None:
     """Raise ValueError unless `spec` fits the model exactly (see the module docstring)."""
-    from .model import get_target_linear, module_path
     source = f"MiLoRA: adapter {source}"
     if spec.kind not in ADAPTER_KINDS:
         raise ValueError(f"{source}: unknown adapter kind {spec.kind!r}; expected one of {list(ADAPTER_KINDS)}")
@@ -171,95 +169,25 @@ def validate_spec(layers, model_config, spec: AdapterSpec, source: str) -> None:
             raise ValueError(f"{source}: tensor {k} holds NaN or Inf values")
 
 
-def install_spec(model, adapter_name: str, spec: AdapterSpec) -> None:
-    """Add a validated spec to the model as adapter `adapter_name`."""
-    from .model import AdapterInfo
-    model._check_new_name(adapter_name)
-    info = AdapterInfo(adapter_name, spec.config, spec.kind, dict(spec.modules))
-    model._install_slots(info, init="zeros")
-    t = spec.tensors
-    for (i, m) in spec.modules:
-        lin = model._linears[(i, m)]
-        names = ["lora_A", "lora_B"] + (["router"] if spec.kind == "token" else [])
-        lin.set_adapter_tensors(adapter_name, {n: t[f"layers.{i}.{m}.{n}"] for n in names})
-    if spec.kind == "prompt":
-        p = model._slot_of(adapter_name)
-        E = spec.config.experts_per_module
-        with torch.no_grad():
-            for i, router in enumerate(model.routers):
-                for m in MODULE_NAMES:
-                    k = f"layers.{i}.router.{m}.weight"
-                    if k in t:
-                        router.weight[p, MODULE_INDEX[m], :E].copy_(t[k])
-                if f"layers.{i}.router.pool_query" in t:
-                    router.pool_query[p].copy_(t[f"layers.{i}.router.pool_query"])
-                if f"layers.{i}.router.rational_num" in t:
-                    router.rational_num[p].copy_(t[f"layers.{i}.router.rational_num"])
-                    router.rational_den[p].copy_(t[f"layers.{i}.router.rational_den"])
-    from .trainable import sync
-    sync(model)  # a trainable adapter's Parameters take the installed values
-    model._changed()
-
-
-def adapter_tensors(model, adapter_name: str) -> Dict[str, Tensor]:
-    """One adapter's tensors under the file names of the module docstring (CPU copies)."""
-    from .trainable import sync
-    sync(model)  # stacks up to date with the trainable Parameters
-    info = model.adapters[adapter_name]
-    out: Dict[str, Tensor] = {}
-    for (i, m) in sorted(info.modules):
-        for k, v in model._linears[(i, m)].get_adapter_tensors(adapter_name).items():
-            out[f"layers.{i}.{m}.{k}"] = v.cpu().contiguous()
-    if info.kind == "prompt":
-        p = model._slot_of(adapter_name)
-        E = info.config.experts_per_module
-        layers_mods: Dict[int, list] = {}
-        for (i, m) in info.modules:
-            layers_mods.setdefault(i, []).append(m)
-        for i, mods in layers_mods.items():
-            r = model.routers[i]
-            for m in mods:
-                out[f"layers.{i}.router.{m}.weight"] = r.weight.detach()[p, MODULE_INDEX[m], :E].float().cpu().clone().contiguous()
-            if info.config.pooler == "self_attn":
-                out[f"layers.{i}.router.pool_query"] = r.pool_query.detach()[p].float().cpu().clone()
-            if info.config.activation == "rational":
-                out[f"layers.{i}.router.rational_num"] = r.rational_num.detach()[p].float().cpu().clone()
-                out[f"layers.{i}.router.rational_den"] = r.rational_den.detach()[p].float().cpu().clone()
-    return out
-
-
-def save_adapter(model, directory, adapter_name: Optional[str], tensors: Optional[Dict[str, Tensor]] = None) -> None:
-    """Write `adapter_name` of `model` to `directory` (created if needed), atomically: see the
-    module docstring. tensors: the adapter's tensors when the caller already has them (a
-    trained adapter's float32 Parameters, or tensors gathered from a sharded model)."""
+def write_adapter_dir(directory, spec: AdapterSpec) -> None:
+    """Write an adapter (its config, modules, tensors under the names of the module docstring,
+    and spec.base: model_type / hidden_size / num_hidden_layers) to `directory` (created if
+    needed), atomically: see the module docstring."""
     from safetensors.torch import save as save_bytes
-    if adapter_name is None:
-        raise ValueError("save_pretrained: no active adapter; pass adapter_name")
-    if not isinstance(adapter_name, str):
-        raise TypeError(f"save_pretrained: adapter_name must be a string, got {type(adapter_name).__name__}")
-    if adapter_name not in model.adapters:
-        raise ValueError(f"save_pretrained: unknown adapter {adapter_name!r}; loaded adapters: {list(model.adapters)}")
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"save_pretrained: save_directory must be a path, got {type(directory).__name__}")
     directory = os.fspath(directory)
-    info = model.adapters[adapter_name]
-    if tensors is None:
-        tensors = adapter_tensors(model, adapter_name)
+    tensors = spec.tensors
     meta = {"format": "pt", "milora_format": str(FORMAT_VERSION)}
     digest = hashlib.sha256(save_bytes(tensors)).hexdigest()  # no metadata: its order is not deterministic
     weights = save_bytes(tensors, metadata={**meta, DIGEST_KEY: digest})
-    cfg = getattr(model.base_model, "config", None)
     doc = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "adapter_kind": info.kind,
-        "config": info.config.to_dict(),
-        "base_model": {
-            "model_type": getattr(cfg, "model_type", None),
-            "hidden_size": model.hidden_size,
-            "num_hidden_layers": model.num_layers,
-        },
-        "modules": {f"layers.{i}.{m}": {"rank": r, "scaling": s} for (i, m), (r, s) in sorted(info.modules.items())},
+        "adapter_kind": spec.kind,
+        "config": spec.config.to_dict(),
+        "base_model": {k: spec.base.get(k) for k in BASE_FIELDS},
+        "modules": {f"layers.{i}.{m}": {"rank": r, "scaling": s} for (i, m), (r, s) in sorted(spec.modules.items())},
         "weights_digest": digest,
     }
     text = json.dumps(doc, indent=2) + "\n"
@@ -272,6 +200,8 @@ def save_adapter(model, directory, adapter_name: Optional[str], tensors: Optiona
             raise ValueError(f"save_pretrained: {path} is a directory")
     # weights first: the config, which names the weights' digest, commits the checkpoint
     write_files_atomically(directory, [(WEIGHTS_NAME, weights), (CONFIG_NAME, text.encode("utf-8"))])
+
+
 
 
 def read_json(path: str) -> dict:
@@ -371,11 +301,3 @@ def read_adapter_dir(directory) -> AdapterSpec:
         raise ValueError(f"MiLoRA: {cfg_path}: weights_digest must be 64 lowercase hex digits, got {short_repr(digest)}")
     tensors = read_safetensors(os.path.join(directory, WEIGHTS_NAME), digest)
     return AdapterSpec(config, kind, modules, tensors, base)
-
-
-def load_adapter(model, directory, adapter_name: str) -> None:
-    """Validate the directory against `model`, then add it as `adapter_name`."""
-    model._check_new_name(adapter_name)
-    spec = read_adapter_dir(directory)
-    validate_spec(model.layers, getattr(model.base_model, "config", None), spec, os.fspath(directory))
-    install_spec(model, adapter_name, spec)

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from milora_ext import gated_lora_linear
 
-from .router import select_top_k, switch_load_balance_loss
+from .router import keep_float32, select_top_k, switch_load_balance_loss
 from .routing import current_call
 from .slots import SlotStacks
 
@@ -170,7 +170,12 @@ class MiLoRALinear(SlotStacks, nn.Module):
         self._cache: Dict = {}
 
     def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
+        # the per-token router and the scaling stay float32 (dtype conversions of the model only
+        # move them); weights and LoRA tensors follow fn
+        keep = keep_float32(fn)
+        rw = self.router_weight
+        f32 = {id(t) for t in (rw, None if rw is None else rw.grad, self.scaling) if t is not None}
+        out = super()._apply(lambda t: keep(t) if id(t) in f32 else fn(t), *args, **kwargs)
         self._cache = {}
         self._after_apply()
         return out

@@ -1,37 +1,37 @@
 """MiLoRAModel: a LLaMA-family causal LM (transformers 5.x) with MiLoRA adapters.
 
 `get_milora_model(model, config)` replaces the target linears of every decoder layer
-(`model.model.layers[i].self_attn.{q,k,v,o}_proj`, `.mlp.{gate,up,down}_proj`) by
-`MiLoRALinear` (sharing the frozen base weights), adds one `PromptRouter` per decoder layer and
-installs three kinds of hooks:
+(`model.model.layers[i].self_attn.{q,k,v,o}_proj`, `.mlp.{gate,up,down}_proj`, see targets.py)
+by `MiLoRALinear` (sharing the frozen base weights) and adds one `PromptRouter` per decoder layer.
 
-  * a forward pre-hook on the decoder stack (`model.model`): once per forward it resolves each
-    row's adapter slot, builds / reuses the index tensors of the op and decides whether this
-    forward routes (prefill: the KV cache is empty or absent; decode: it is not);
-  * a forward pre-hook on each decoder layer: on a routing forward only, it runs the layer's
-    router on the hidden states entering the layer, pooled over the prompt tokens, and stores
-    the gates of each adapted linear ([B, E], LoRA scaling included) in the routing state;
-  * a forward hook on the decoder stack that deactivates the routing state.
+Top-down, one call (types in routing.py; picture in docs/module_layer.md):
+  forward / generate(adapter_names=...)
+    -> a Request (each row's adapter slot, the prompt mask), entered with `self.routing(req)`
+       (a CallContext in a ContextVar: this call, this thread);
+    -> per forward of the decoder stack, its pre-hook builds the BatchPlan (seq_offsets,
+       adapter_ids, gates): a prompt gets new PromptGates, attached to its KV cache; a
+       continuation reads the gates stored with the cache it continues;
+    -> on a prompt forward, each decoder layer's pre-hook runs the layer's router on the
+       hidden states entering the layer and writes the gates of that layer's linears;
+    -> each MiLoRALinear reads its gates from the plan and makes one op call; it writes nothing
+       back (routers return their load-balancing losses to the call, the model sums them).
+Decode steps run no router and no per-linear index work.
 
-Decode steps therefore run no router and no per-linear index work: each adapted linear makes
-one `milora_ext.gated_lora_linear` call that serves the whole batch (every row its own adapter
-and gates). Adapter kinds:
-  * "prompt": MiLoRA (config.routing="prompt"), gates from the layer routers;
-  * "token": per-token MoE-LoRA (config.routing="token", MOELoRA baseline), a router at every
-    adapted linear that runs on every token of every step, the op called with one sequence per
-    token;
-  * "static": no router, every adapted module on with gate alpha / r (imported PEFT adapters).
-Rows of different kinds can share a batch.
+Adapter kinds: "prompt" (MiLoRA, gates from the layer routers); "token" (per-token MoE-LoRA,
+the MOELoRA baseline: a router at every adapted linear on every token, the op called with one
+sequence per token); "static" (no router, every adapted module on with gate alpha / r:
+imported PEFT adapters). Rows of different kinds can share a batch.
 
-Not supported: gradient checkpointing (recomputation would re-run hooks outside the forward),
-chunked prefill (the router sees the first chunk only), models whose layers are not under
-`model.model.layers`.
+Adapters are installed by one path (`_load_spec` -> `_install`), all or nothing; checkpoint.py
+and peft_import.py only read, validate and write files.
+
+Not supported: chunked prefill through `forward` (a continuation reads the gates of the cache's
+first chunk), models whose layers are not under `model.model.layers`.
 """
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -42,116 +42,13 @@ from .config import MODULE_INDEX, MODULE_NAMES, MODULE_PARENTS, MiLoRAConfig
 from .layer import MiLoRALinear
 from .continuous_batching import NOT_FROM_BASE_MODEL, ContinuousBatchingMixin
 from .router import PromptRouter, switch_load_balance_loss
-from .routing import (BatchPlan, CallContext, PromptGates, Request, SlotTables, TokenSettings, attach_gates,
-                      current_call, enter as enter_call, gates_of)
+from .routing import (BatchPlan, CallContext, PromptGates, Request, RoutedCheckpoint, RoutingKey, SlotTables,
+                      TokenSettings, attach_gates, current_call, enter as enter_call, gates_of)
+from .targets import AdapterInfo, check_target_modules, find_decoder_layers, get_target_linear, module_path
+from .checkpoint import AdapterSpec, read_adapter_dir, validate_spec, write_adapter_dir
+from .peft_import import read_peft_dir
 
 BASE_NAMES = (None, "base")
-
-
-class RoutedCheckpoint:
-    """A decoder layer's gradient-checkpoint function that keeps routing outside the checkpoint.
-
-    HF checkpoints a layer's `forward` (its pre-hooks, where the router runs, stay outside).
-    This wrapper hands the layer's gates to the checkpoint as explicit tensor inputs and runs
-    the layer (first pass and recomputation) in a call context whose plan reads exactly those
-    inputs: recomputation, which happens in backward after the call has ended, sees the same
-    plan, and with use_reentrant=True the gradient reaches the routers through the inputs.
-    Per-token routers (token-routed linears) run inside the checkpoint; their aux losses are
-    kept from the first pass only."""
-
-    def __init__(self, owner: "RoutingKey", layer_idx: int, inner) -> None:
-        self.owner = owner
-        self.layer_idx = layer_idx
-        self.inner = inner
-
-    def __call__(self, fn, *args, **kwargs):
-        ctx = current_call()
-        if ctx is None or ctx.owner is not self.owner or ctx.plan is None or ctx.plan.all_base:
-            return self.inner(fn, *args, **kwargs)
-        i, n, plan = self.layer_idx, len(args), ctx.plan
-        layer_gates = list(plan.gates.per_layer[i])
-        present = [m for m, g in enumerate(layer_gates) if g is not None]
-        passes = []
-        grad_outside = torch.is_grad_enabled()
-
-        def run(*inputs):
-            if not passes and grad_outside and not torch.is_grad_enabled() and plan.token is not None \
-                    and ctx.request.collect_aux:
-                raise NotImplementedError(
-                    "MiLoRA: reentrant gradient checkpointing cannot train per-token routers (routing='token'): their "
-                    "load-balancing loss is computed inside the checkpoint without gradient. Use "
-                    "gradient_checkpointing_kwargs={'use_reentrant': False}")
-            gates = list(layer_gates)
-            for m, t in zip(present, inputs[n:]):
-                gates[m] = t
-            inner_ctx = CallContext(ctx.owner, ctx.request, plan.with_layer_gates(i, gates))
-            if not passes:  # first pass: its aux losses count; a recomputation's are dropped
-                inner_ctx.aux = ctx.aux
-            passes.append(None)
-            with enter_call(inner_ctx):
-                return fn(*inputs[:n])
-
-        return self.inner(run, *args, *[layer_gates[m] for m in present], **kwargs)
-
-
-class RoutingKey:
-    """Identity of one MiLoRAModel's routing: its layers and its stored gates carry it, so a call
-    context or a cache of another model is never read."""
-
-    __slots__ = ()
-
-
-@dataclass
-class AdapterInfo:
-    """One loaded adapter: its config, kind and per-module (rank, scaling)."""
-
-    name: str
-    config: MiLoRAConfig
-    kind: str                                         # "prompt" | "token" | "static"
-    modules: Dict[Tuple[int, str], Tuple[int, float]]  # (layer, module) -> (rank, scaling)
-
-
-# ---- structure checks ---------------------------------------------------------------------
-
-
-def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """model.model.layers of a LLaMA-family causal LM, or a ValueError naming what is missing."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None) if inner is not None else None
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ValueError(
-            f"MiLoRA supports LLaMA-family causal LMs (Llama, Mistral, Qwen2, Qwen3, ...) whose decoder layers are "
-            f"`model.model.layers`; {type(model).__name__} has no `model.layers` ModuleList"
-        )
-    return layers
-
-
-def module_path(layer_idx: int, module: str) -> str:
-    return f"model.layers.{layer_idx}.{MODULE_PARENTS[module]}.{module}"
-
-
-def get_target_linear(layers: Sequence[nn.Module], layer_idx: int, module: str) -> Optional[nn.Module]:
-    """The nn.Linear / MiLoRALinear at layers[layer_idx].<parent>.<module>, or None."""
-    if not 0 <= layer_idx < len(layers):
-        return None
-    parent = getattr(layers[layer_idx], MODULE_PARENTS[module], None)
-    lin = getattr(parent, module, None) if parent is not None else None
-    return lin if isinstance(lin, (nn.Linear, MiLoRALinear)) else None
-
-
-def check_target_modules(layers: Sequence[nn.Module], target_modules: Sequence[str], model_name: str = "model") -> None:
-    """Raise a ValueError naming every target linear that is missing from the decoder layers."""
-    missing = []
-    for i in range(len(layers)):
-        for m in target_modules:
-            if get_target_linear(layers, i, m) is None:
-                missing.append(module_path(i, m))
-    if missing:
-        shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
-        raise ValueError(
-            f"MiLoRA: target modules not found in {model_name}: {shown}. MiLoRA needs decoder layers with "
-            f"self_attn.{{q,k,v,o}}_proj and mlp.{{gate,up,down}}_proj nn.Linear modules (restricted to target_modules)"
-        )
 
 
 def _cache_length(cache) -> int:
@@ -163,6 +60,51 @@ def _cache_length(cache) -> int:
     if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)) and cache[0]:
         return int(cache[0][0].shape[-2])
     return 0
+
+
+def check_adapter_name(name) -> None:
+    """A new adapter's name: a non-empty string that does not name the base model."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"MiLoRA: adapter names must be non-empty strings, got {name!r}")
+    if name in ("base", "__base__"):
+        raise ValueError(f"MiLoRA: {name!r} is reserved for the base model")
+
+
+class _Undo:
+    """What an adapter install may change, remembered so that a failure restores it exactly:
+    each adapted linear's and router's Parameters / buffers / attributes (installing replaces
+    Parameters, never edits existing ones in place, so keeping references is enough), the
+    requires_grad flags, the model's adapter records, and which linears were wrapped."""
+
+    def __init__(self, model: "MiLoRAModel") -> None:
+        self.model = model
+        self.modules = [(mod, _module_state(mod)) for mod in list(model._linears.values()) + list(model.routers)]
+        self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        self.wrapped = set(model._linears)
+        self.fields = {"active_adapter": model.active_adapter}
+        self.adapters = dict(model.adapters)
+
+    def restore(self) -> None:
+        m = self.model
+        version = m._version + 1  # requests / caches built during the failed install are stale
+        for key in [k for k in m._linears if k not in self.wrapped]:  # linears this install wrapped
+            setattr(getattr(m.layers[key[0]], MODULE_PARENTS[key[1]]), key[1], m._originals.pop(key))
+            del m._linears[key]
+        for mod, state in self.modules:
+            mod.__dict__.clear()
+            mod.__dict__.update(state)
+        for p, flag in self.requires_grad:
+            p.requires_grad_(flag)
+        m.adapters.clear()
+        m.adapters.update(self.adapters)
+        for k, v in self.fields.items():
+            setattr(m, k, v)
+        m._version, m._tables = version, None
+
+
+def _module_state(mod: nn.Module) -> dict:
+    """A shallow copy of a module's attributes, with its containers copied one level."""
+    return {k: (type(v)(v) if isinstance(v, (dict, list)) else v) for k, v in mod.__dict__.items()}
 
 
 # ---- the model ----------------------------------------------------------------------------
@@ -186,6 +128,7 @@ class MiLoRAModel(ContinuousBatchingMixin, nn.Module):
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)
         if hidden is None:
             hidden = get_target_linear(layers, 0, config.target_modules[0]).in_features
+        self._base_requires_grad = {id(p): p.requires_grad for p in model.parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
         self.base_model = model
@@ -205,21 +148,41 @@ class MiLoRAModel(ContinuousBatchingMixin, nn.Module):
         self._version = 0
         self._tables: Optional[SlotTables] = None
         self._layers_ref = [layers]  # a list so that nn.Module does not register it twice
-        for i in range(self.num_layers):
-            for m in config.target_modules:
-                self._wrap(i, m)
+        self._originals: Dict[Tuple[int, str], nn.Linear] = {}  # the wrapped nn.Linear modules
+        self._hooks: List = []
         self._direct_requests: Dict = {}
+        try:
+            for i in range(self.num_layers):
+                for m in config.target_modules:
+                    self._wrap(i, m)
         # Routing hooks. They act only inside a call of this model (the CallContext of the running
         # thread / task says so), except that a direct call of the wrapped HF model's forward opens
         # a one-forward call with the active adapter (so `model.base_model(...)` and HF utilities
         # that call it behave like the MiLoRAModel).
-        stack = model.model
-        self._hooks = [stack.register_forward_pre_hook(self._on_stack_start, with_kwargs=True),
-                       stack.register_forward_hook(self._on_stack_end, always_call=True)]
-        for i, layer in enumerate(layers):
-            self._hooks.append(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
-        if adapter_name is not None:
-            self.add_adapter(adapter_name, config)
+            stack = model.model
+            self._hooks = [stack.register_forward_pre_hook(self._on_stack_start, with_kwargs=True),
+                           stack.register_forward_hook(self._on_stack_end, always_call=True)]
+            for i, layer in enumerate(layers):
+                self._hooks.append(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
+            if adapter_name is not None:
+                self.add_adapter(adapter_name, config)
+        except BaseException:
+            self._unwrap()  # the base model leaves exactly as it came
+            raise
+
+    def _unwrap(self) -> None:
+        """Give the base model back as it was before wrapping: its nn.Linear modules, no hooks,
+        its requires_grad flags. The MiLoRAModel is unusable afterwards."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for key, original in self._originals.items():
+            setattr(getattr(self.layers[key[0]], MODULE_PARENTS[key[1]]), key[1], original)
+        self._originals = {}
+        self._linears = {}
+        for p in self.base_model.parameters():
+            if id(p) in self._base_requires_grad:
+                p.requires_grad_(self._base_requires_grad[id(p)])
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
@@ -262,21 +225,32 @@ class MiLoRAModel(ContinuousBatchingMixin, nn.Module):
             lin.lora_dropout = self.adapters[self.active_adapter].config.dropout
         lin.set_routing(self._routing_key, layer_idx, MODULE_INDEX[module])
         setattr(parent, module, lin)
+        self._originals[key] = base
         self._linears[key] = lin
         return lin
 
     # ---- adapters -------------------------------------------------------------------------
 
     def _check_new_name(self, name: str) -> None:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"MiLoRA: adapter names must be non-empty strings, got {name!r}")
-        if name in ("base", "__base__"):
-            raise ValueError(f"MiLoRA: {name!r} is reserved for the base model")
+        check_adapter_name(name)
         if name in self.adapters:
             raise ValueError(f"MiLoRA: adapter {name!r} already exists; delete it first or pick another name")
 
-    def _install_slots(self, info: AdapterInfo, init: str, generator: Optional[torch.Generator] = None) -> None:
-        """Add slot `len(self.adapters)` for `info` to every linear and router (validated input)."""
+    def _install(self, info: AdapterInfo, init: str, generator: Optional[torch.Generator] = None,
+                 tensors: Optional[Dict[str, Tensor]] = None) -> None:
+        """Add slot `len(self.adapters)` for `info` to every linear and router, with the weights
+        of `tensors` (file names, see checkpoint.py) when given. All or nothing: if any step
+        fails, the model and the base model are restored exactly (the same Parameter objects)."""
+        undo = _Undo(self)
+        try:
+            self._install_slots(info, init, generator)
+            if tensors is not None:
+                self._set_adapter_weights(info, tensors)
+        except BaseException:
+            undo.restore()
+            raise
+
+    def _install_slots(self, info: AdapterInfo, init: str, generator: Optional[torch.Generator]) -> None:
         cfg = info.config
         E = cfg.experts_per_module
         for key in sorted(info.modules):
@@ -295,6 +269,64 @@ class MiLoRAModel(ContinuousBatchingMixin, nn.Module):
         else:
             self._apply_trainable()
 
+    def _set_adapter_weights(self, info: AdapterInfo, t: Dict[str, Tensor]) -> None:
+        """Copy one adapter's tensors (file names, validated) into its slot."""
+        name = info.name
+        for (i, m) in info.modules:
+            names = ["lora_A", "lora_B"] + (["router"] if info.kind == "token" else [])
+            self._linears[(i, m)].set_adapter_tensors(name, {n: t[f"layers.{i}.{m}.{n}"] for n in names})
+        if info.kind == "prompt":
+            p = self._slot_of(name)
+            E = info.config.experts_per_module
+            with torch.no_grad():
+                for i, router in enumerate(self.routers):
+                    for m in MODULE_NAMES:
+                        k = f"layers.{i}.router.{m}.weight"
+                        if k in t:
+                            router.weight[p, MODULE_INDEX[m], :E].copy_(t[k])
+                    if f"layers.{i}.router.pool_query" in t:
+                        router.pool_query[p].copy_(t[f"layers.{i}.router.pool_query"])
+                    if f"layers.{i}.router.rational_num" in t:
+                        router.rational_num[p].copy_(t[f"layers.{i}.router.rational_num"])
+                        router.rational_den[p].copy_(t[f"layers.{i}.router.rational_den"])
+        from .trainable import sync
+        sync(self)  # a trainable adapter's Parameters take the installed values
+
+    def adapter_spec(self, adapter_name: str, tensors: Optional[Dict[str, Tensor]] = None) -> AdapterSpec:
+        """One adapter as an AdapterSpec (CPU copies of its tensors under the file names of
+        checkpoint.py), e.g. to save it. tensors: the adapter's tensors when the caller already
+        has them (a trained adapter's float32 Parameters, or tensors gathered from shards)."""
+        if adapter_name not in self.adapters:
+            raise ValueError(f"MiLoRA: unknown adapter {adapter_name!r}; loaded adapters: {list(self.adapters)}")
+        info = self.adapters[adapter_name]
+        cfg = getattr(self.base_model, "config", None)
+        base = {"model_type": getattr(cfg, "model_type", None), "hidden_size": self.hidden_size,
+                "num_hidden_layers": self.num_layers}
+        if tensors is not None:
+            return AdapterSpec(info.config, info.kind, dict(info.modules), tensors, base)
+        from .trainable import sync
+        sync(self)  # stacks up to date with the trainable Parameters
+        out: Dict[str, Tensor] = {}
+        for (i, m) in sorted(info.modules):
+            for k, v in self._linears[(i, m)].get_adapter_tensors(adapter_name).items():
+                out[f"layers.{i}.{m}.{k}"] = v.cpu().contiguous()
+        if info.kind == "prompt":
+            p = self._slot_of(adapter_name)
+            E = info.config.experts_per_module
+            layers_mods: Dict[int, list] = {}
+            for (i, m) in info.modules:
+                layers_mods.setdefault(i, []).append(m)
+            for i, mods in layers_mods.items():
+                r = self.routers[i]
+                for m in mods:
+                    out[f"layers.{i}.router.{m}.weight"] = r.weight.detach()[p, MODULE_INDEX[m], :E].float().cpu().clone().contiguous()
+                if info.config.pooler == "self_attn":
+                    out[f"layers.{i}.router.pool_query"] = r.pool_query.detach()[p].float().cpu().clone()
+                if info.config.activation == "rational":
+                    out[f"layers.{i}.router.rational_num"] = r.rational_num.detach()[p].float().cpu().clone()
+                    out[f"layers.{i}.router.rational_den"] = r.rational_den.detach()[p].float().cpu().clone()
+        return AdapterSpec(info.config, info.kind, dict(info.modules), out, base)
+
     def add_adapter(self, adapter_name: str, config: Optional[MiLoRAConfig] = None, *, seed: Optional[int] = None) -> None:
         """Add a new, freshly initialised adapter (LoRA B = 0, so it starts as the base model).
 
@@ -311,7 +343,7 @@ class MiLoRAModel(ContinuousBatchingMixin, nn.Module):
         gen = None
         if seed is not None:
             gen = torch.Generator(device=next(self.base_model.parameters()).device).manual_seed(seed)
-        self._install_slots(AdapterInfo(adapter_name, config, config.routing, modules), "lora", gen)
+        self._install(AdapterInfo(adapter_name, config, config.routing, modules), "lora", gen)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter (its slot in every linear and router). Wrapped linears stay wrapped."""
@@ -781,7 +813,7 @@ class MiLoRAModel(ContinuousBatchingMixin, nn.Module):
             raise ValueError(f"MiLoRA.generate: cannot restart the given KV cache ({type(cache).__name__}) to route from "
                              "the whole prompt; pass no cache or a DynamicCache / StaticCache")
 
-    # ---- save / load ----------------------------------------------------------------------
+    # ---- save / load: files are read and written by checkpoint.py / peft_import.py ----------
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], adapter_name: Optional[str] = None, *,
                         state_dict: Optional[Dict[str, Tensor]] = None, is_main_process: bool = True, **kwargs) -> None:
@@ -794,7 +826,6 @@ class MiLoRAModel(ContinuousBatchingMixin, nn.Module):
         Other keyword arguments of PEFT's save_pretrained (safe_serialization, ...) are accepted and
         ignored: milora always writes safetensors."""
         from . import trainable
-        from .checkpoint import save_adapter
         name = adapter_name if adapter_name is not None else self.active_adapter
         if name is None:
             raise ValueError("save_pretrained: no active adapter; pass adapter_name")
@@ -807,7 +838,7 @@ class MiLoRAModel(ContinuousBatchingMixin, nn.Module):
             tensors = trainable.trained_tensors(self, name, state_dict)
             trainable._check_fits(self, name, tensors)
         if is_main_process:
-            save_adapter(self, save_directory, name, tensors=tensors)
+            write_adapter_dir(save_directory, self.adapter_spec(name, tensors=tensors))
 
     def save_trained(self, save_directory: Union[str, os.PathLike], *, state_dict: Optional[Dict[str, Tensor]] = None,
                      is_main_process: bool = True) -> List[str]:
@@ -824,29 +855,47 @@ class MiLoRAModel(ContinuousBatchingMixin, nn.Module):
 
     def load_adapter(self, directory: Union[str, os.PathLike], adapter_name: str) -> None:
         """Load an adapter saved by save_pretrained under the name `adapter_name`. Everything is
-        validated before the model changes; errors leave the model untouched."""
-        from .checkpoint import load_adapter
-        load_adapter(self, directory, adapter_name)
+        validated before the model changes, and installing is all or nothing: errors leave the
+        model untouched."""
+        self._check_new_name(adapter_name)
+        self._load_spec(read_adapter_dir(directory), adapter_name, directory)
 
     def load_peft_adapter(self, directory: Union[str, os.PathLike], adapter_name: str) -> None:
         """Load a PEFT LoRA adapter directory as a router-less ("static") adapter: every adapted
         module on with gate alpha / r (alpha / sqrt(r) with use_rslora; rank_pattern and
-        alpha_pattern honoured)."""
-        from .peft_import import load_peft_adapter
-        load_peft_adapter(self, directory, adapter_name)
+        alpha_pattern honoured). Validated first, installed all or nothing."""
+        self._check_new_name(adapter_name)
+        self._load_spec(read_peft_dir(directory), adapter_name, directory)
+
+    def _load_spec(self, spec: AdapterSpec, adapter_name: str, source) -> None:
+        """The one load path: check the name, validate the spec against this model, install it."""
+        self._check_new_name(adapter_name)
+        validate_spec(self.layers, getattr(self.base_model, "config", None), spec, os.fspath(source))
+        self._install(AdapterInfo(adapter_name, spec.config, spec.kind, dict(spec.modules)), "zeros",
+                      tensors=spec.tensors)
+
+    @classmethod
+    def _from_spec(cls, base_model: nn.Module, spec: AdapterSpec, adapter_name: str, source) -> "MiLoRAModel":
+        """Wrap base_model and load spec, validated first; on any failure the base model is
+        given back exactly as it was."""
+        check_adapter_name(adapter_name)
+        validate_spec(find_decoder_layers(base_model), getattr(base_model, "config", None), spec, os.fspath(source))
+        model = cls(base_model, spec.config, adapter_name=None)
+        try:
+            model._load_spec(spec, adapter_name, source)
+        except BaseException:
+            model._unwrap()
+            raise
+        return model
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: Union[str, os.PathLike], adapter_name: str = "default",
                         is_trainable: bool = False) -> "MiLoRAModel":
-        """Wrap base_model and load the adapter saved in `directory`. The files are validated
-        against base_model before it is modified. is_trainable=False freezes the adapter."""
-        from .checkpoint import read_adapter_dir, validate_spec
-        spec = read_adapter_dir(directory)
-        layers = find_decoder_layers(base_model)
-        validate_spec(layers, getattr(base_model, "config", None), spec, str(directory))
-        model = cls(base_model, spec.config, adapter_name=None)
-        from .checkpoint import install_spec
-        install_spec(model, adapter_name, spec)
+        """Wrap base_model and load the adapter saved in `directory`. The name and the files are
+        validated against base_model before it is modified; a failure leaves it untouched.
+        is_trainable=False freezes the adapter."""
+        check_adapter_name(adapter_name)
+        model = cls._from_spec(base_model, read_adapter_dir(directory), adapter_name, directory)
         model.set_trainable(is_trainable)
         if not is_trainable:
             model.eval()
@@ -854,14 +903,10 @@ class MiLoRAModel(ContinuousBatchingMixin, nn.Module):
 
     @classmethod
     def from_peft(cls, base_model: nn.Module, directory: Union[str, os.PathLike], adapter_name: str = "default") -> "MiLoRAModel":
-        """Wrap base_model and load a PEFT LoRA adapter directory into it (validated first)."""
-        from .peft_import import read_peft_dir
-        from .checkpoint import install_spec, validate_spec
-        spec = read_peft_dir(directory)
-        layers = find_decoder_layers(base_model)
-        validate_spec(layers, getattr(base_model, "config", None), spec, str(directory))
-        model = cls(base_model, spec.config, adapter_name=None)
-        install_spec(model, adapter_name, spec)
+        """Wrap base_model and load a PEFT LoRA adapter directory into it (validated first; a
+        failure leaves base_model untouched)."""
+        check_adapter_name(adapter_name)
+        model = cls._from_spec(base_model, read_peft_dir(directory), adapter_name, directory)
         model.eval()
         return model
 

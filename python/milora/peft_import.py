@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from torch import Tensor
 
-from .checkpoint import LAYER_INDEX, AdapterSpec, install_spec, read_json, read_safetensors, validate_spec
+from .checkpoint import LAYER_INDEX, AdapterSpec, read_json, read_safetensors
 from .config import (FLOAT32_MAX, MAX_RANK, MODULE_NAMES, MODULE_PARENTS, MiLoRAConfig, is_finite, is_int,
                      is_number, short_repr)
 
@@ -220,11 +220,3 @@ def read_peft_dir(directory) -> AdapterSpec:
     except ValueError as e:
         raise ValueError(f"MiLoRA: {src}: {e}") from None
     return AdapterSpec(config, "static", modules, tensors, {})
-
-
-def load_peft_adapter(model, directory, adapter_name: str) -> None:
-    """Validate a PEFT LoRA directory against a MiLoRAModel, then add it as `adapter_name`."""
-    model._check_new_name(adapter_name)
-    spec = read_peft_dir(directory)
-    validate_spec(model.layers, getattr(model.base_model, "config", None), spec, os.fspath(directory))
-    install_spec(model, adapter_name, spec)

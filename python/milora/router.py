@@ -198,6 +198,18 @@ class RouterOutput(NamedTuple):
     aux_loss: Tensor   # 0-dim float32 Switch load-balancing loss over the counted rows
 
 
+def keep_float32(fn):
+    """Wrap an nn.Module._apply conversion so that float32 tensors stay float32 and only follow
+    the device: `model.to(torch.bfloat16)` / `.half()` must not round router parameters or the
+    LoRA scaling, which the docs promise are float32 whatever the model's dtype."""
+    def apply(t):
+        out = fn(t)
+        if t.dtype == torch.float32 and out.is_floating_point() and out.dtype != torch.float32:
+            out = t.to(device=out.device)  # from the original: nothing was rounded
+        return out
+    return apply
+
+
 class PromptRouter(SlotStacks, nn.Module):
     """The MiLoRA layer router, computed once per prompt.
 
@@ -259,7 +271,7 @@ class PromptRouter(SlotStacks, nn.Module):
             self.set_trainable_slots({str(i): i for i in range(num_slots)})
 
     def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
+        out = super()._apply(keep_float32(fn), *args, **kwargs)  # router parameters stay float32
         self._after_apply()
         return out
 

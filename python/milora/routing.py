@@ -304,3 +304,59 @@ class _Entered:
 def enter(ctx: CallContext) -> _Entered:
     """`with enter(ctx):` makes ctx the current call of this thread / task for the block."""
     return _Entered(ctx)
+
+
+# ---- gradient checkpointing ------------------------------------------------------------
+
+
+class RoutedCheckpoint:
+    """A decoder layer's gradient-checkpoint function that keeps routing outside the checkpoint.
+
+    HF checkpoints a layer's `forward` (its pre-hooks, where the router runs, stay outside).
+    This wrapper hands the layer's gates to the checkpoint as explicit tensor inputs and runs
+    the layer (first pass and recomputation) in a call context whose plan reads exactly those
+    inputs: recomputation, which happens in backward after the call has ended, sees the same
+    plan, and with use_reentrant=True the gradient reaches the routers through the inputs.
+    Per-token routers (token-routed linears) run inside the checkpoint; their aux losses are
+    kept from the first pass only."""
+
+    def __init__(self, owner: RoutingKey, layer_idx: int, inner) -> None:
+        self.owner = owner
+        self.layer_idx = layer_idx
+        self.inner = inner
+
+    def __call__(self, fn, *args, **kwargs):
+        ctx = current_call()
+        if ctx is None or ctx.owner is not self.owner or ctx.plan is None or ctx.plan.all_base:
+            return self.inner(fn, *args, **kwargs)
+        i, n, plan = self.layer_idx, len(args), ctx.plan
+        layer_gates = list(plan.gates.per_layer[i])
+        present = [m for m, g in enumerate(layer_gates) if g is not None]
+        passes = []
+        grad_outside = torch.is_grad_enabled()
+
+        def run(*inputs):
+            if not passes and grad_outside and not torch.is_grad_enabled() and plan.token is not None \
+                    and ctx.request.collect_aux:
+                raise NotImplementedError(
+                    "MiLoRA: reentrant gradient checkpointing cannot train per-token routers (routing='token'): their "
+                    "load-balancing loss is computed inside the checkpoint without gradient. Use "
+                    "gradient_checkpointing_kwargs={'use_reentrant': False}")
+            gates = list(layer_gates)
+            for m, t in zip(present, inputs[n:]):
+                gates[m] = t
+            inner_ctx = CallContext(ctx.owner, ctx.request, plan.with_layer_gates(i, gates))
+            if not passes:  # first pass: its aux losses count; a recomputation's are dropped
+                inner_ctx.aux = ctx.aux
+            passes.append(None)
+            with enter(inner_ctx):
+                return fn(*inputs[:n])
+
+        return self.inner(run, *args, *[layer_gates[m] for m in present], **kwargs)
+
+
+class RoutingKey:
+    """Identity of one MiLoRAModel's routing: its layers and its stored gates carry it, so a call
+    context or a cache of another model is never read."""
+
+    __slots__ = ()

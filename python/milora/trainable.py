@@ -185,7 +185,7 @@ def save_trained(model, directory, state_dict=None, is_main_process: bool = True
     (the active adapter when it trains) into `directory`, each other one into
     `directory/<name>`. Tensors come from the Parameters (or `state_dict`); every rank must
     call under FSDP2 (DTensors are gathered), only `is_main_process` writes."""
-    from .checkpoint import save_adapter
+    from .checkpoint import write_adapter_dir
     names = trainable_names(model)
     if not names:
         raise ValueError("MiLoRA: no adapter is trainable; nothing to save as a training checkpoint")
@@ -194,7 +194,7 @@ def save_trained(model, directory, state_dict=None, is_main_process: bool = True
         tensors = trained_tensors(model, name, state_dict)
         _check_fits(model, name, tensors)
         if is_main_process:
-            save_adapter(model, directory if k == 0 else os.path.join(directory, name), name, tensors=tensors)
+            write_adapter_dir(directory if k == 0 else os.path.join(directory, name), model.adapter_spec(name, tensors=tensors))
     return order
 
 
