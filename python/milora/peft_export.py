@@ -15,7 +15,7 @@ E experts with constant gates g_e become one LoRA of rank E * r: B' = [g_1 B_1 .
 A' = [A_1; ...; A_E] (exact up to rounding).
 
 The functions take a MiLoRAModel and use its public adapter surface (`adapters`, the file-format
-tensors of `checkpoint.adapter_tensors`); file I/O uses JSON + safetensors only.
+tensors of `MiLoRAModel.adapter_spec`); file I/O uses JSON + safetensors only.
 """
 from __future__ import annotations
 
@@ -71,10 +71,9 @@ def constant_expert_gates(model, adapter_name: str, what: str) -> Tensor:
 def plain_lora_factors(model, adapter_name: str, what: str = "MiLoRA") -> Dict[Tuple[int, str], Tuple[Tensor, Tensor, float]]:
     """(layer, module) -> (A [r', K], B [N, r'], scaling) such that the adapter adds
     scaling * B @ A @ x at that module, exactly (r' = E * r). Float32 or the adapter's dtype."""
-    from .checkpoint import adapter_tensors
     w = constant_expert_gates(model, adapter_name, what)
     info = model.adapters[adapter_name]
-    tensors = adapter_tensors(model, adapter_name)
+    tensors = model.adapter_spec(adapter_name).tensors
     out = {}
     for (i, m), (r, scaling) in sorted(info.modules.items()):
         a = tensors[f"layers.{i}.{m}.lora_A"]  # [E, r, K]
