@@ -174,7 +174,8 @@ class MiLoRALinear(SlotStacks, nn.Module):
         # move them); weights and LoRA tensors follow fn
         keep = keep_float32(fn)
         rw = self.router_weight
-        f32 = {id(t) for t in (rw, None if rw is None else rw.grad, self.scaling) if t is not None}
+        keep32 = [rw, self.scaling] + [p for k, p in getattr(self, "trainable", {}).items() if k.startswith("router_weight__")]
+        f32 = {id(t) for x in keep32 if x is not None for t in (x, getattr(x, "grad", None)) if t is not None}
         out = super()._apply(lambda t: keep(t) if id(t) in f32 else fn(t), *args, **kwargs)
         self._cache = {}
         self._after_apply()
