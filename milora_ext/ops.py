@@ -38,6 +38,14 @@ def check_indices(seq_offsets: Tensor, adapter_ids: Tensor, num_tokens: int, num
     _OPS.check_indices(seq_offsets, adapter_ids, num_tokens, num_slots)
 
 
+def _require_tensors(**named: object) -> None:
+    # The dispatcher would fail on a None / non-Tensor argument with "tensor does not have a
+    # device", which names nothing; say which argument it was before dispatching.
+    for name, value in named.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"gated_lora_linear: {name} must be a Tensor, got {type(value).__name__}")
+
+
 def gated_lora_linear(
     x: Tensor,
     weight: Tensor,
@@ -93,6 +101,10 @@ def gated_lora_linear(
     Raises ValueError (shapes, values), TypeError (dtypes), IndexError (adapter ids out of
     range), naming the argument and what was expected.
     """
+    _require_tensors(x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, seq_offsets=seq_offsets,
+                     adapter_ids=adapter_ids, gates=gates)
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"gated_lora_linear: bias must be a Tensor or None, got {type(bias).__name__}")
     do_check = _CHECK_INDICES_ON_DEVICE if check_indices is None else check_indices
     if do_check and x.device.type != "cpu" and not torch.compiler.is_compiling():
         num_tokens = x.numel() // x.shape[-1] if x.dim() >= 1 and x.shape[-1] > 0 else 0

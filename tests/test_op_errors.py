@@ -112,3 +112,16 @@ def test_backward_rejects_bad_grad_shape():
         torch.ops.milora_ext.gated_lora_linear_backward(
             torch.randn(5, 7), a["x"], a["weight"], a["lora_a"], a["lora_b"], a["seq_offsets"],
             a["adapter_ids"], a["gates"], [True] * 6)
+
+
+@pytest.mark.parametrize("name", ["x", "weight", "lora_a", "lora_b", "seq_offsets", "adapter_ids", "gates"])
+@pytest.mark.parametrize("value", [None, [1.0, 2.0]])
+def test_non_tensor_argument_is_named(name, value):
+    # The dispatcher alone would say "tensor does not have a device" for None.
+    with pytest.raises(TypeError, match=rf"{name} must be a Tensor, got {type(value).__name__}"):
+        call(**{name: value})
+
+
+def test_non_tensor_bias_is_named():
+    with pytest.raises(TypeError, match=r"bias must be a Tensor or None, got float"):
+        call(bias=1.0)
