@@ -143,24 +143,15 @@ def save_peft_adapter(model, directory, adapter_name: Optional[str] = None) -> N
 
 def unload(model) -> nn.Module:
     """Remove every MiLoRA layer, router and hook and return the base HF model with its original
-    nn.Linear modules (no adapter merged). The MiLoRAModel must not be used afterwards."""
-    for h in getattr(model, "_hooks", []):
-        h.remove()
-    model._hooks = []
-    layers = model.layers
-    for (i, m), lin in list(model._linears.items()):
-        parent = getattr(layers[i], MODULE_PARENTS[m])
-        plain = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                          device="meta", dtype=lin.weight.dtype)
-        plain.weight = lin.weight
-        plain.bias = lin.bias
-        setattr(parent, m, plain)
-    model._linears = {}
+    nn.Linear modules (no adapter merged). The MiLoRAModel must not be used afterwards.
+
+    The original modules share their weight Parameters with the MiLoRA layers, so a merge done
+    in place on those (merge_and_unload) is what the returned model holds."""
+    model._unwrap()
     model.adapters.clear()
     model.active_adapter = None
-    base = model.base_model
     model._unloaded = True
-    return base
+    return model.base_model
 
 
 def merge_and_unload(model, adapter_name: Optional[str] = None, *, safe_merge: bool = False) -> nn.Module:
