@@ -1,6 +1,5 @@
 """milora-bench runs on tiny sizes and writes valid records (no speed assertions)."""
 import json
-import os
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ pytest.importorskip("transformers")
 
 from milora.bench import cli  # noqa: E402
 from milora.bench.progress import Progress  # noqa: E402
+from _subprocess_env import child_env  # noqa: E402
 
 REQUIRED = ("bench", "method", "device", "dtype", "tokens", "seqs", "adapters", "rank", "experts",
             "median_ms", "min_ms", "max_ms", "ratio_to_base", "floor_ratio", "env")
@@ -38,15 +38,7 @@ def _check_records(records, bench, methods):
 
 
 def _run_module(args, tmp_path):
-    # The child imports the same milora / milora_ext as this process: the installed packages in
-    # CI (the source tree's milora_ext/ has no compiled _C there), an in-place build otherwise.
-    import milora
-    import milora_ext
-
-    where = {os.path.dirname(os.path.dirname(m.__file__)) for m in (milora, milora_ext)}
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([*sorted(where), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "milora.bench", *args], cwd=tmp_path, env=env,
+    return subprocess.run([sys.executable, "-m", "milora.bench", *args], cwd=tmp_path, env=child_env(),
                           capture_output=True, text=True, timeout=300)
 
 

@@ -1,7 +1,6 @@
 """Every ISA level of the CPU LoRA kernels this machine runs (runtime dispatch, csrc/cpu/isa.h)
 against the plain PyTorch reference, on fresh random inputs; and the level switches."""
 import math
-import os
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ from milora_ext.cpu import LEVELS
 from milora_ext.workloads import MIXES, adapter_mix, make_problem
 
 from milora_ext.accuracy import check_against_reference
+from _subprocess_env import child_env
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SUPPORTED = milora_ext.supported_cpu_capabilities()
@@ -119,12 +119,13 @@ def test_set_cpu_capability_rejects_unknown_levels():
             milora_ext.set_cpu_capability(lv)
 
 
-def test_environment_variable_forces_a_lower_level():
+def test_environment_variable_forces_a_lower_level(tmp_path):
     code = "import milora_ext; print(milora_ext.cpu_capability(), milora_ext.max_cpu_capability())"
-    env = dict(os.environ, MILORA_CPU_CAPABILITY="default")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    env = child_env(MILORA_CPU_CAPABILITY="default")
+    run = dict(env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], **run)
     assert out.stdout.split() == ["default", milora_ext.max_cpu_capability()]
     env["MILORA_CPU_CAPABILITY"] = "bogus"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], **run)
     assert out.stdout.split() == [milora_ext.max_cpu_capability()] * 2
     assert "MILORA_CPU_CAPABILITY=bogus" in out.stderr

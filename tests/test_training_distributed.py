@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+from _subprocess_env import child_env
+
 pytest.importorskip("transformers")
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available in this build", allow_module_level=True)
@@ -20,16 +22,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    root = os.path.dirname(HERE)
-    env["PYTHONPATH"] = os.pathsep.join([HERE, os.path.join(root, "python"), root, env.get("PYTHONPATH", "")])
+    env = child_env(HERE, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     import socket
     with socket.socket() as sock:  # a free local port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={port}", os.path.join(HERE, "dist_worker.py"), str(out)] + SCENARIOS
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(cmd, env=env, cwd=out, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     res = {}
     for s in SCENARIOS:
