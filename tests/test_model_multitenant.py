@@ -61,9 +61,11 @@ def test_generate_multi_tenant(tenants, monkeypatch):
     ids = _ids(4, 5, 2)
     spy = OpSpy(monkeypatch)
     out = model.generate(input_ids=ids, adapter_names=names, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    n_lin = len(model.milora_linears())
-    assert len(spy.calls) == 4 * n_lin  # prefill + 3 decode steps, one call per linear each
-    decode = spy.calls[n_lin:]
+    # linears that no tenant's routing uses skip the op (the base layer alone)
+    n_used = len({id(c["weight"]) for c in spy.calls})
+    assert 0 < n_used <= len(model.milora_linears())
+    assert len(spy.calls) == 4 * n_used  # prefill + 3 decode steps, one call per used linear each
+    decode = spy.calls[n_used:]
     assert all(c["x_shape"][:2] == (4, 1) and c["seq_offsets"].tolist() == [0, 1, 2, 3, 4] for c in decode)
     for i, n in enumerate(names):
         alone = model.generate(input_ids=ids[i:i + 1], adapter_names=[n], max_new_tokens=4, min_new_tokens=4, do_sample=False)

@@ -38,15 +38,19 @@ def test_routers_run_only_at_prefill(two_adapter_model, monkeypatch, mode):
             h.remove()
     assert out.shape[1] == 12
     assert counter["n"] == model.num_layers  # once per layer, for the whole generate call
-    n_lin = len(model.milora_linears())
-    steps = len(spy.calls) // n_lin
-    assert len(spy.calls) == steps * n_lin and steps >= 6  # one op call per linear per step
     # every step of a linear uses the very same gates tensor computed at prefill
     by_linear = {}
     for c in spy.calls:
         by_linear.setdefault(id(c["weight"]), []).append(c["gates_obj"])
     for objs in by_linear.values():
         assert all(o is objs[0] for o in objs)
+    # one op call per step for each linear some row uses; a linear no row uses never calls the op
+    steps = {len(objs) for objs in by_linear.values()}
+    assert len(steps) == 1 and steps.pop() >= 6  # prefill + a decode step per further token
+    modules = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "o_proj": 3, "gate_proj": 4, "up_proj": 5, "down_proj": 6}
+    for (layer, module), lin in model.milora_linears().items():
+        g = gates[layer][modules[module]]
+        assert (id(lin.weight) in by_linear) == bool(g is not None and g.ne(0).any()), (layer, module)
     # rows expanded for beams / samples share their prompt's gates
     expand = {"greedy": 1, "sample": 2, "beam": 3}[mode]
     for layer in gates:
@@ -305,3 +309,23 @@ def test_a_caller_built_plan_is_used_for_every_forward(two_adapter_model, monkey
         with torch.no_grad(), model.routing(alone_req, alone_plan):
             alone = model.base_model(input_ids=x[r:r + 1]).logits
         torch.testing.assert_close(both[r:r + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_unused_modules_skip_the_op_and_give_the_same_tokens(two_adapter_model, monkeypatch):
+    """With top-k of 7 modules per prompt, a linear that no row of the batch uses is the base
+    layer alone: inference skips the op there, with the tokens of the op-on-every-linear path."""
+    import milora.routing as routing_mod
+
+    model, _ = two_adapter_model
+    ids = _ids(1, 7, seed=3)
+    spy = OpSpy(monkeypatch)
+    with torch.no_grad():
+        fast = model.generate(input_ids=ids, adapter_names=["b"], max_new_tokens=5, do_sample=False)
+    n_fast = len(spy.calls)
+    spy.reset()
+    monkeypatch.setattr(routing_mod.PromptGates, "skips", lambda self, layer, module: False)
+    with torch.no_grad():
+        every = model.generate(input_ids=ids, adapter_names=["b"], max_new_tokens=5, do_sample=False)
+    assert torch.equal(fast, every)
+    # adapter "b" keeps top-2 of 7 modules: one row -> at most 2 of 7 linears per layer call the op
+    assert n_fast <= len(spy.calls) * 2 / 7 + 1e-9 and n_fast > 0

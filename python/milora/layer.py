@@ -477,6 +477,8 @@ class MiLoRALinear(SlotStacks, nn.Module):
             row_gates = plan.for_linear(self.layer_idx, self.module_idx)  # raises the explanation
         tp = plan.token
         if tp is None:
+            if plan.gates.skips(self.layer_idx, self.module_idx) and not row_gates.requires_grad:
+                return F.linear(x, self.weight, self.bias)
             return self._op(x, plan.seq_offsets, plan.adapter_ids, row_gates)
         # per-token routing: one sequence per token
         if self.router_weight is None:

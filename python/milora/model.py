@@ -641,6 +641,10 @@ class MiLoRAModel(ContinuousBatchingMixin, nn.Module):
         for m, E in enumerate(tables.experts[i]):
             if E is not None:
                 row[m] = gates[:, m, :E].contiguous()
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # One host read per layer per prompt (inference only: in training a zero gate can
+            # still carry a gradient), so decode steps skip the op where no row uses a module.
+            plan.gates.unused[i] = [not u for u in gates.ne(0).any(-1).any(0).tolist()]
 
     # ---- forward / generate ---------------------------------------------------------------
 

@@ -171,7 +171,7 @@ class PromptGates:
     included) or None (module not adapted). Filled by the model while the prompt's forward runs
     (one layer at a time), then only read."""
 
-    __slots__ = ("owner", "version", "slots", "per_layer", "prompt_len")
+    __slots__ = ("owner", "version", "slots", "per_layer", "prompt_len", "unused")
 
     def __init__(self, owner: object, version: int, slots: Tuple[int, ...], num_layers: int, num_modules: int,
                  prompt_len: int) -> None:
@@ -180,6 +180,15 @@ class PromptGates:
         self.slots = slots              # each row's slot (-1 = base)
         self.per_layer: List[List[Optional[Tensor]]] = [[None] * num_modules for _ in range(num_layers)]
         self.prompt_len = prompt_len    # tokens the routers pooled over (incl. padding)
+        # unused[layer][module]: True when no row has a non-zero gate there (set once per prompt by
+        # an inference forward; None = not known). Such a linear is the base layer alone on every
+        # later step, so it skips the op (with top-3 of 7 and few adapters, most of them do).
+        self.unused: List[Optional[List[bool]]] = [None] * num_layers
+
+    def skips(self, layer: int, module: int) -> bool:
+        """Whether linear (layer, module) has no active expert in any row (known, not guessed)."""
+        flags = self.unused[layer]
+        return flags is not None and flags[module]
 
     @property
     def batch_size(self) -> int:
@@ -254,6 +263,7 @@ class BatchPlan:
         pg = PromptGates(self.gates.owner, self.gates.version, self.gates.slots, 0, 0, self.gates.prompt_len)
         pg.per_layer = list(self.gates.per_layer)
         pg.per_layer[layer] = list(gates)
+        pg.unused = list(self.gates.unused)
         return BatchPlan(self.seq_offsets, self.adapter_ids, self.all_base, pg, False, self.rows, self.pool_mask,
                          self.token)
 
