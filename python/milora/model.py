@@ -713,6 +713,7 @@ class MiLoRAModel(ContinuousBatchingMixin, nn.Module):
         if req.train_slots and labels is not None:
             return self._forward_several(req, input_ids, attention_mask, labels, kwargs)
         with self.routing(req) as ctx:
+            ctx.synced = True  # sync(self) ran above
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         aux = self._mean_aux(ctx.aux, dev)
         has_labels = labels is not None
@@ -746,6 +747,7 @@ class MiLoRAModel(ContinuousBatchingMixin, nn.Module):
         return_dict = kwargs.pop("return_dict", True)
         dev = labels.device
         with self.routing(req) as ctx:
+            ctx.synced = True  # sync(self) ran above
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         slots = torch.tensor(req.slots, device=dev)
         groups = [torch.nonzero(slots == s).flatten() for s in req.train_slots]
@@ -802,7 +804,8 @@ class MiLoRAModel(ContinuousBatchingMixin, nn.Module):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if _cache_length(cache) > 0:
             self._empty_cache(cache)
-        with self.routing(req):
+        with self.routing(req) as ctx:
+            ctx.synced = True  # sync(self) ran above
             return self.base_model.generate(*args, **kwargs)
 
     @staticmethod

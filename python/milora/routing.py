@@ -275,7 +275,7 @@ class CallContext:
     """One MiLoRAModel call (forward or generate) in one thread: its request, the plan of the
     forward running now, the gates kept for the call when there is no cache, and the aux losses."""
 
-    __slots__ = ("owner", "request", "plan", "pinned", "call_gates", "aux", "scope")
+    __slots__ = ("owner", "request", "plan", "pinned", "call_gates", "aux", "scope", "synced")
 
     def __init__(self, owner: object, request: Request, plan: Optional[BatchPlan] = None) -> None:
         self.owner = owner
@@ -287,6 +287,9 @@ class CallContext:
         self.call_gates: Optional[PromptGates] = None
         self.aux: List[Tensor] = []
         self.scope: Optional["_Entered"] = None  # set when the model opened this call for one forward
+        # True when the model brought every trainable slot up to date at the start of this call
+        # (forward / generate do): its layers then skip the per-forward sync
+        self.synced = False
 
     def add_aux(self, loss: Tensor) -> None:
         """A router's load-balancing loss (collected only when the request asks for it)."""

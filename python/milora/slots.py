@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch import Tensor
 
+from .routing import current_call
+
 # Optimizer steps seen so far (any torch optimizer). A fused optimizer (AdamW(fused=True), the
 # Trainer's default) writes Parameters without bumping their version counters, so a step is
 # also a reason to copy the Parameters into their slots.
@@ -74,6 +76,13 @@ def _local(t: Tensor) -> Tensor:
 
 def _sync_before_state_dict(module, prefix, keep_vars) -> None:
     module.sync_slots()
+
+
+def _synced_by_call(module) -> bool:
+    # False while a shard was left for the forward to sync (FSDP: the Parameter is whole only there)
+    ctx = current_call()
+    return (ctx is not None and ctx.synced and ctx.owner is getattr(module, "_routing_owner", None)
+            and not getattr(module, "_sync_deferred", True))
 
 
 class SlotStacks:
@@ -161,6 +170,7 @@ class SlotStacks:
     def sync_slots(self) -> None:
         """Copy Parameters written since the last sync into their slots, and slots written since
         the last sync (loads) into their Parameters. A no-op without trainable adapters."""
+        deferred = False
         for stack, entries in self._entries.items():
             buf = getattr(self, stack)
             for e in entries:
@@ -168,6 +178,7 @@ class SlotStacks:
                 if hasattr(p, "full_tensor") or tuple(p.shape) != e.region:
                     # a shard outside its forward (FSDP2 DTensor, FSDP1 flat view): synced inside the
                     # forward, where the Parameter is whole; saved through state_dict= / full_tensor
+                    deferred = True
                     continue
                 idx = (e.slot,) + tuple(slice(0, n) for n in e.region)
                 stack_moved = _state(buf) != e.stack_seen
@@ -178,6 +189,7 @@ class SlotStacks:
                 elif p.shape == buf[idx].shape:  # the slot was written (a load): it wins
                     p.copy_(buf[idx].to(p.dtype))
                 e.param_seen, e.stack_seen, e.step_seen = _state(p), _state(buf), _STEPS[0]
+        self._sync_deferred = deferred
 
     def _stacked(self, stack: str) -> Tensor:
         """The stack a forward hands to the op (see the module docstring)."""
@@ -185,7 +197,9 @@ class SlotStacks:
         entries = self._entries.get(stack)
         if not entries:
             return buf
-        if not torch.compiler.is_compiling():  # a compiled region cannot sync; the model syncs once per call
+        # A compiled region cannot sync, and a call of the owning model synced once at its start
+        # (a per-linear sync costs tens of microseconds per decode step and linear).
+        if not torch.compiler.is_compiling() and not _synced_by_call(self):
             self.sync_slots()
         params = [self.trainable[e.key] for e in entries]
         if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
