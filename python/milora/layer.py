@@ -46,7 +46,7 @@ from torch import Tensor
 
 from milora_ext import gated_lora_linear
 
-from .router import keep_float32, select_top_k, switch_load_balance_loss
+from .router import keep_float32, select_top_k, switch_load_balance_loss, switch_load_balance_losses
 from .routing import current_call
 from .slots import SlotStacks
 
@@ -489,8 +489,14 @@ class MiLoRALinear(SlotStacks, nn.Module):
                                             st.k_max, st.single_slot)
             if tp.rows_mixed:
                 gates = torch.where(tp.is_routed.unsqueeze(-1), gates, row_gates.repeat_interleave(tp.seq_len, 0))
-            if ctx.request.collect_aux:  # the per-token router's loss goes to the call, summed by the model
-                ctx.add_aux(switch_load_balance_loss(probs, tp.is_routed, None))
+            req = ctx.request
+            if req.collect_aux:  # the per-token router's loss goes to the call, summed by the model
+                own = req.train_by_kind.get("token")
+                if own is not None:  # several adapters trained at once: each one's loss over its own tokens
+                    groups = tp.adapter_ids.unsqueeze(0) == own[1].unsqueeze(1)  # [G, T]
+                    ctx.add_adapter_aux("token", switch_load_balance_losses(probs, groups))
+                elif not req.train_slots:
+                    ctx.add_aux(switch_load_balance_loss(probs, tp.is_routed, None))
         return self._op(x, tp.offsets, tp.adapter_ids, gates)
 
     def _forward_standalone(self, x: Tensor) -> Tensor:

@@ -41,7 +41,7 @@ from torch import Tensor
 from .config import MODULE_INDEX, MODULE_NAMES, MODULE_PARENTS, MiLoRAConfig
 from .layer import MiLoRALinear
 from .continuous_batching import NOT_FROM_BASE_MODEL, ContinuousBatchingMixin
-from .router import PromptRouter, switch_load_balance_loss
+from .router import PromptRouter, switch_load_balance_losses
 from .routing import (BatchPlan, CallContext, PromptGates, Request, RoutedCheckpoint, RoutingKey, SlotTables,
                       TokenSettings, attach_gates, current_call, enter as enter_call, gates_of)
 from .targets import AdapterInfo, check_target_modules, find_decoder_layers, get_target_linear, module_path
@@ -622,15 +622,12 @@ class MiLoRAModel(ContinuousBatchingMixin, nn.Module):
             out = self.routers[i](hidden, mask=plan.pool_mask, slots=rows.slots_clamped, module_mask=scale > 0,
                                   aux_rows=rows.is_prompt, slots_present=req.prompt_slots)
             w = out.gates
-            trained = getattr(req, "train_slots", ())
-            if trained:  # several adapters trained at once: each adapter's own Switch loss over its own rows
-                per = []
-                for s in trained:
-                    own = rows.slots == s
-                    n = ((scale > 0) & own.unsqueeze(-1)).any(0).sum().to(torch.float32)
-                    per.append(switch_load_balance_loss(out.probs, own, n))
-                ctx.add_aux(torch.stack(per))
-            else:
+            own = req.train_by_kind.get("prompt")
+            if own is not None:  # several adapters trained at once: each one's Switch loss over its own rows
+                groups = rows.slots.unsqueeze(0) == own[1].unsqueeze(1)  # [G, B]
+                n = ((scale > 0).unsqueeze(0) & groups.unsqueeze(-1)).any(1).sum(-1).to(torch.float32)  # [G]
+                ctx.add_adapter_aux("prompt", switch_load_balance_losses(out.probs, groups, n))
+            elif not req.train_slots:
                 ctx.add_aux(out.aux_loss)
             if len(kinds) > 1:
                 w = torch.where(rows.is_prompt.view(B, 1, 1), w, static)
@@ -687,10 +684,22 @@ class MiLoRAModel(ContinuousBatchingMixin, nn.Module):
 
         Several adapters trained at once (`set_trainable_adapters`) with two or more of them among
         the rows: loss = sum over those adapters a of [mean token loss over a's rows +
-        load_balance_coef_a * aux_a], aux_a = a's Switch loss over its own rows (mean over
-        layers). Each adapter's gradient is then the gradient of training it alone on its rows
-        (rows of other, frozen adapters are run but not in the loss). Per-token-routed adapters'
-        Switch losses are pooled over their rows (not separated).
+        load_balance_coef_a * aux_a], aux_a = a's Switch loss over its own rows (prompt routing:
+        mean over the layer routers) or its own tokens (token routing: mean over the per-linear
+        routers). Each adapter's gradient, routers included, is then the gradient of training it
+        alone on its rows (rows of other, frozen adapters are run but not in the loss).
+
+        num_items_in_batch (what transformers' Trainer passes under gradient accumulation: the
+        target tokens, labels[:, 1:] != -100, of the whole accumulated batch): the LM loss is the
+        sum of token losses divided by it (transformers' rule), and the load-balancing term is
+        weighted by this batch's share of those tokens, so over the micro-batches of one step it
+        adds up to the token-weighted mean of their aux losses (weight 1 for a single batch).
+        Several adapters: with MiLoRATrainer's AdapterItemCounts each adapter a uses its own
+        count N_a (a's summed token losses / N_a, aux_a weighted by a's share n_a / N_a): the
+        micro-batches' LM gradients add up to training each adapter alone on its rows of the
+        whole accumulated batch. With a single number N (plain Trainer) the adapters share it:
+        a's summed token losses / N, aux_a weighted by n_a / N (each adapter weighted by its
+        share of the batch's tokens).
 
         Without a cache (or with an empty one) this forward routes from its own tokens and, with
         use_cache, stores the gates with the returned cache. A forward that continues a non-empty
@@ -702,27 +711,34 @@ class MiLoRAModel(ContinuousBatchingMixin, nn.Module):
             if not isinstance(prompt_mask, Tensor) or tuple(prompt_mask.shape) != (B, L):
                 raise ValueError(f"MiLoRA: prompt_mask must have shape {(B, L)} (like input_ids), got "
                                  f"{tuple(prompt_mask.shape) if isinstance(prompt_mask, Tensor) else type(prompt_mask).__name__}")
-        from .training import MiLoRACausalLMOutput, prompt_mask_from_labels
+        from .training import AdapterItemCounts, MiLoRACausalLMOutput, prompt_mask_from_labels
         from .trainable import sync
         sync(self)  # trainable adapters' slots up to date before a possibly compiled forward
         if prompt_mask is None and isinstance(labels, Tensor) and tuple(labels.shape) == (B, L):
             prompt_mask = prompt_mask_from_labels(labels, attention_mask)
         req = self._make_request(adapter_names, B, dev, prompt_mask, collect_aux=True)
         trained = self._trained_slots_in(req)
-        req.train_slots = trained if len(trained) > 1 else ()
-        if req.train_slots and labels is not None:
+        if trained is not None and labels is not None:
+            req.set_train_slots(trained)
             return self._forward_several(req, input_ids, attention_mask, labels, kwargs)
+        num_items = kwargs.get("num_items_in_batch")
+        if isinstance(num_items, AdapterItemCounts):  # the HF model divides by the batch's total
+            kwargs["num_items_in_batch"] = num_items = num_items.total
         with self.routing(req) as ctx:
             ctx.synced = True  # sync(self) ran above
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         aux = self._mean_aux(ctx.aux, dev)
         has_labels = labels is not None
+        if has_labels:
+            coef = self._lb_coef(req)
+            if num_items is not None:  # this micro-batch's share of the accumulated batch's targets
+                coef = coef * (labels[:, 1:] != -100).sum().to(torch.float32) / num_items
         if isinstance(out, tuple):  # return_dict=False: (loss, logits, ...) + (aux_loss,)
             if has_labels:
-                out = (out[0] + self._lb_coef(req) * aux.to(out[0].dtype),) + tuple(out[1:])
+                out = (out[0] + (coef * aux).to(out[0].dtype),) + tuple(out[1:])
             return tuple(out) + (aux,)
         if has_labels and getattr(out, "loss", None) is not None:
-            out.loss = out.loss + self._lb_coef(req) * aux.to(out.loss.dtype)
+            out.loss = out.loss + (coef * aux).to(out.loss.dtype)
         return MiLoRACausalLMOutput(**dict(out.items()), aux_loss=aux)
 
     @staticmethod
@@ -731,19 +747,21 @@ class MiLoRAModel(ContinuousBatchingMixin, nn.Module):
             return torch.zeros((), dtype=torch.float32, device=dev)
         return torch.stack([a.float().mean() for a in aux_list]).mean()
 
-    def _trained_slots_in(self, req: Request) -> Tuple[int, ...]:
-        """Slots of the trainable adapters present among the request's rows."""
+    def _trained_slots_in(self, req: Request) -> Optional[Tuple[int, ...]]:
+        """Slots of the trainable adapters present among the request's rows when several adapters
+        are trained at once (None otherwise). A batch holding only one of them (or none) is still
+        normalised per adapter: rows of frozen adapters never count."""
         from .trainable import trainable_names
         names = trainable_names(self)
         if len(names) < 2:
-            return ()
+            return None
         present = set(req.slots)
         return tuple(s for s in sorted(self._slot_of(n) for n in names) if s in present)
 
     def _forward_several(self, req: Request, input_ids, attention_mask, labels: Tensor, kwargs):
         """Several trainable adapters in one batch: the per-adapter loss of `forward`'s docstring."""
-        from .training import MiLoRACausalLMOutput, per_adapter_lm_loss
-        kwargs.pop("num_items_in_batch", None)  # the normalisation is per adapter, not per batch
+        from .training import AdapterItemCounts, MiLoRACausalLMOutput, per_adapter_lm_loss, target_counts
+        num_items = kwargs.pop("num_items_in_batch", None)
         return_dict = kwargs.pop("return_dict", True)
         dev = labels.device
         with self.routing(req) as ctx:
@@ -751,21 +769,28 @@ class MiLoRAModel(ContinuousBatchingMixin, nn.Module):
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         slots = torch.tensor(req.slots, device=dev)
         groups = [torch.nonzero(slots == s).flatten() for s in req.train_slots]
-        loss = per_adapter_lm_loss(out.logits, labels, groups)
+        here = target_counts(labels, groups)  # [G] each adapter's targets in this batch
+        names = list(self.adapters)
+        if num_items is None:  # each adapter's mean over its own targets; full aux
+            denom, share = here, torch.ones_like(here)
+        else:
+            if isinstance(num_items, AdapterItemCounts):  # each adapter's targets in the accumulated batch
+                denom = torch.stack([num_items.count(names[s], dev) for s in req.train_slots])
+            else:  # one count for the whole batch (plain Trainer): the adapters share it
+                denom = torch.as_tensor(num_items, dtype=torch.float32).to(dev).reshape(()).expand(len(groups))
+            share = torch.where(denom > 0, here / denom.clamp_min(1e-30), torch.zeros_like(here))
+        loss = per_adapter_lm_loss(out.logits, labels, groups, denom)
         infos = list(self.adapters.values())
-        per_slot = [a.float() for a in ctx.aux if a.dim() == 1]
-        reported = [a.float() for a in ctx.aux if a.dim() == 0]
-        if per_slot:
-            per = torch.stack(per_slot).mean(0)  # [number of trained adapters], mean over layers
-            for k, s in enumerate(req.train_slots):
-                if infos[s].kind == "prompt":
-                    loss = loss + infos[s].config.load_balance_coef * per[k]
-            reported.append(per.mean())
-        aux = self._mean_aux(reported, dev)
-        token_coef = max([infos[s].config.load_balance_coef for s in req.train_slots if infos[s].kind == "token"], default=0.0)
-        scalar = [a.float() for a in ctx.aux if a.dim() == 0]
-        if scalar and token_coef:
-            loss = loss + token_coef * torch.stack(scalar).mean()
+        own_aux = {}  # slot -> its Switch loss over its own rows / tokens, mean over its routers
+        for kind, (own, _) in req.train_by_kind.items():
+            losses = ctx.adapter_aux.get(kind)
+            if losses:
+                mean = torch.stack([a.float() for a in losses]).mean(0)
+                own_aux.update({s: mean[k] for k, s in enumerate(own)})
+        for k, s in enumerate(req.train_slots):
+            if s in own_aux:
+                loss = loss + infos[s].config.load_balance_coef * share[k] * own_aux[s]
+        aux = self._mean_aux(list(own_aux.values()), dev)
         fields = dict(out.items())
         fields["loss"] = loss.to(out.logits.dtype) if out.logits.dtype == torch.float64 else loss
         result = MiLoRACausalLMOutput(**fields, aux_loss=aux)

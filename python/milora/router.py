@@ -7,7 +7,8 @@
   "mean", "last", "max"); padding is excluded and any padding side works.
 - `select_top_k`: top-k selection with soft (renormalised probability) or hard (1.0,
   straight-through) gates, with a per-row k and per-row gate mode.
-- `switch_load_balance_loss`: Switch-style N * sum_i f_i P_i.
+- `switch_load_balance_loss`: Switch-style N * sum_i f_i P_i (`switch_load_balance_losses`: of
+  several row groups at once, one per adapter trained in the batch).
 - `PromptRouter`: one per decoder layer. It holds the router parameters of every adapter
   slot stacked along a leading slot dimension, so a batch whose rows use different adapters
   is routed by batched gathers, with no Python loop over rows.
@@ -189,6 +190,20 @@ def switch_load_balance_loss(probs: Tensor, rows: Optional[Tensor] = None, num_c
     P = (probs * w.unsqueeze(-1)).sum(0) / denom
     n = C if num_choices is None else num_choices
     return (f * P).sum() * n
+
+
+def switch_load_balance_losses(probs: Tensor, groups: Tensor, num_choices=None) -> Tensor:
+    """`switch_load_balance_loss` of several row groups at once: groups [G, N] bool (the rows
+    each group counts; they may overlap), num_choices: N of the formula, int / 0-dim tensor /
+    [G] tensor (default C). Returns [G]: each group's loss as if its rows were the whole batch."""
+    C = probs.shape[1]
+    top1 = F.one_hot(probs.argmax(-1), C).to(probs.dtype)
+    w = groups.to(probs.dtype)
+    denom = w.sum(-1, keepdim=True).clamp_min(1.0)
+    f = (w @ top1) / denom
+    P = (w @ probs) / denom
+    n = C if num_choices is None else num_choices
+    return (f * P).sum(-1) * n
 
 
 class RouterOutput(NamedTuple):

@@ -21,7 +21,9 @@ survives the call except what the cache holds. `MiLoRALinear.forward` reads
 The one thing written during a forward besides the gates is `CallContext.aux`: the
 load-balancing losses that routers return. Layer routers return theirs to the model's routing
 step; the per-token routers of token-routed ("MOELoRA") linears hand theirs to
-`CallContext.add_aux`. The model sums them after the call.
+`CallContext.add_aux`. The model sums them after the call. When several adapters are trained
+at once, routers hand one loss per trained adapter, each over its own rows or tokens
+(`CallContext.add_adapter_aux`), so that each adapter's loss is the one it would have alone.
 """
 from __future__ import annotations
 
@@ -114,9 +116,24 @@ class Request:
         self.prompt_slots: List[int] = [s for s in present if tables.kinds[s] == "prompt"]
         self.all_base = not present
         self._slot_tensor = torch.tensor(self.slots, dtype=torch.long, device=device)
+        # several adapters trained at once (set by the model): the trained slots among the rows,
+        # and per adapter kind ("prompt" / "token") those of that kind with their [G] tensor;
+        # routers then hand CallContext one Switch loss per trained adapter of their kind
+        self.train_slots: Tuple[int, ...] = ()
+        self.train_by_kind: Dict[str, Tuple[Tuple[int, ...], Tensor]] = {}
         self._rows: Dict[int, Rows] = {}
         self._offsets: Dict[Tuple[int, int], Tensor] = {}
         self._token_plans: Dict[Tuple[int, int], "TokenPlan"] = {}
+
+    def set_train_slots(self, slots: Sequence[int]) -> None:
+        """Several adapters trained at once: the trained slots present among the rows (each
+        adapter's load-balancing loss is then computed over its own rows / tokens only)."""
+        self.train_slots = tuple(int(s) for s in slots)
+        self.train_by_kind = {}
+        for kind in ("prompt", "token"):
+            own = tuple(s for s in self.train_slots if self.tables.kinds[s] == kind)
+            if own:
+                self.train_by_kind[kind] = (own, torch.tensor(own, dtype=torch.long, device=self.device))
 
     @property
     def batch_size(self) -> int:
@@ -275,7 +292,7 @@ class CallContext:
     """One MiLoRAModel call (forward or generate) in one thread: its request, the plan of the
     forward running now, the gates kept for the call when there is no cache, and the aux losses."""
 
-    __slots__ = ("owner", "request", "plan", "pinned", "call_gates", "aux", "scope", "synced")
+    __slots__ = ("owner", "request", "plan", "pinned", "call_gates", "aux", "adapter_aux", "scope", "synced")
 
     def __init__(self, owner: object, request: Request, plan: Optional[BatchPlan] = None) -> None:
         self.owner = owner
@@ -286,6 +303,9 @@ class CallContext:
         self.pinned = plan is not None
         self.call_gates: Optional[PromptGates] = None
         self.aux: List[Tensor] = []
+        # several adapters trained at once: kind -> one [G] tensor per router, the Switch losses
+        # of the G trained adapters of that kind (request.train_by_kind), each over its own rows
+        self.adapter_aux: Dict[str, List[Tensor]] = {}
         self.scope: Optional["_Entered"] = None  # set when the model opened this call for one forward
         # True when the model brought every trainable slot up to date at the start of this call
         # (forward / generate do): its layers then skip the per-forward sync
@@ -295,6 +315,12 @@ class CallContext:
         """A router's load-balancing loss (collected only when the request asks for it)."""
         if self.request.collect_aux:
             self.aux.append(loss)
+
+    def add_adapter_aux(self, kind: str, losses: Tensor) -> None:
+        """A router's load-balancing losses, one per trained adapter of `kind` (several adapters
+        trained at once), in the order of request.train_by_kind[kind]."""
+        if self.request.collect_aux:
+            self.adapter_aux.setdefault(kind, []).append(losses)
 
 
 class _Entered:
@@ -361,6 +387,7 @@ class RoutedCheckpoint:
             inner_ctx = CallContext(ctx.owner, ctx.request, plan.with_layer_gates(i, gates))
             if not passes:  # first pass: its aux losses count; a recomputation's are dropped
                 inner_ctx.aux = ctx.aux
+                inner_ctx.adapter_aux = ctx.adapter_aux
             passes.append(None)
             with enter(inner_ctx):
                 return fn(*inputs[:n])

@@ -48,24 +48,79 @@ def prompt_mask_from_labels(labels: Tensor, attention_mask: Optional[Tensor]) ->
     return torch.where(empty, valid, prompt).to(torch.long)
 
 
-def per_adapter_lm_loss(logits: Tensor, labels: Tensor, row_groups: Sequence[Tensor]) -> Tensor:
-    """Sum over adapters of each adapter's own mean next-token loss over its rows' target tokens.
+class AdapterItemCounts:
+    """`num_items_in_batch` as MiLoRATrainer passes it when several adapters are trained at once:
+    `total` is transformers' own count (target tokens of the whole accumulated batch, summed
+    over processes when Trainer averages tokens across devices: what a single model divides
+    its summed token loss by) and `per_adapter` the same count restricted to each adapter's rows
+    (name -> 0-dim tensor). MiLoRAModel.forward normalises each adapter's token losses by its
+    own count; other code sees only `total` (the model hands `total` to the HF model)."""
 
-    row_groups: one long tensor of row indices per adapter. With this normalisation the gradient
-    of adapter a equals the gradient of training a alone on its rows (mean over its own target
-    tokens), whatever the other rows hold."""
+    __slots__ = ("total", "per_adapter")
+
+    def __init__(self, total, per_adapter: Dict[str, Tensor]) -> None:
+        self.total = total
+        self.per_adapter = dict(per_adapter)
+
+    def count(self, name: str, device) -> Tensor:
+        c = self.per_adapter.get(name)
+        return torch.zeros((), dtype=torch.float32, device=device) if c is None else \
+            torch.as_tensor(c, dtype=torch.float32).to(device)
+
+    def __repr__(self) -> str:
+        return f"AdapterItemCounts(total={self.total!r}, per_adapter={self.per_adapter!r})"
+
+
+def target_counts(labels: Tensor, row_groups: Sequence[Tensor]) -> Tensor:
+    """[G] float32: next-token targets (labels[:, 1:] != -100) of each group's rows."""
+    per_row = (labels[:, 1:] != -100).sum(-1).to(torch.float32)
+    if not row_groups:
+        return per_row.new_zeros(0)
+    return torch.stack([per_row.index_select(0, rows).sum() for rows in row_groups])
+
+
+def per_adapter_lm_loss(logits: Tensor, labels: Tensor, row_groups: Sequence[Tensor],
+                        denominators: Optional[Tensor] = None) -> Tensor:
+    """Sum over adapters of each adapter's summed next-token loss over its rows' target tokens,
+    divided by denominators[a] (default: its number of target tokens here, i.e. its mean token
+    loss). row_groups: one long tensor of row indices per adapter. With the default the
+    gradient of adapter a equals the gradient of training a alone on its rows (mean over its
+    own target tokens), whatever the other rows hold; with denominators = each adapter's target
+    tokens over a whole accumulated batch, the micro-batches' gradients add up to that."""
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
+    if denominators is None:
+        denominators = target_counts(labels, row_groups)
     total = logits.new_zeros((), dtype=torch.float32)
-    for rows in row_groups:
+    for rows, n in zip(row_groups, denominators):
         lg = shift_logits.index_select(0, rows)
         lb = shift_labels.index_select(0, rows)
-        n = (lb != -100).sum()
-        if int(n) == 0:
+        if not bool((lb != -100).any()) or float(n) == 0.0:
             continue
         total = total + F.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100,
                                         reduction="sum") / n
+    if not total.requires_grad and logits.requires_grad:  # no trained target here: a zero that backward accepts
+        total = total + logits.sum() * 0.0
     return total
+
+
+def count_targets_per_adapter(batches: Sequence[Dict[str, Any]], names: Sequence[str],
+                              default: Optional[str]) -> Tensor:
+    """[len(names)] float32: next-token targets (labels[:, 1:] != -100) of the rows of each adapter
+    over `batches` (collated dicts; a batch without adapter_names is all `default`)."""
+    index = {n: i for i, n in enumerate(names)}
+    out = torch.zeros(len(names), dtype=torch.float32)
+    for batch in batches:
+        labels = batch.get("labels")
+        if not isinstance(labels, Tensor):
+            continue
+        per_row = (labels[:, 1:] != -100).sum(-1).cpu().to(torch.float32)
+        rows = batch.get("adapter_names") or [default] * labels.shape[0]
+        for r, name in enumerate(rows):
+            i = index.get(name)
+            if i is not None:
+                out[i] += per_row[r]
+    return out
 
 
 class MiLoRADataCollator:
@@ -175,6 +230,25 @@ def _make_trainer_class():
                 self.processing_class.save_pretrained(output_dir)
             from transformers.trainer import TRAINING_ARGS_NAME
             torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+        def _get_num_items_in_batch(self, batch_samples: list, device):
+            """Trainer's count of target tokens in the accumulated batch; with several adapters
+            trained at once, also each adapter's count (AdapterItemCounts), summed over processes
+            like Trainer's own, so that each adapter's loss is normalised by its own tokens of
+            the whole accumulated (and, across devices, global) batch."""
+            total = super()._get_num_items_in_batch(batch_samples, device)
+            model = _unwrap(self.model)
+            if total is None or model is None or self.args.n_gpu > 1:
+                return total
+            from .trainable import trainable_names
+            names = trainable_names(model)
+            if len(names) < 2:
+                return total
+            counts = count_targets_per_adapter(batch_samples, names, model.active_adapter).to(device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                counts = self.accelerator.gather(counts).reshape(-1, len(names)).sum(0)
+            counts = counts / (self.get_tp_size() * self.get_cp_size() * self.get_sp_size())
+            return AdapterItemCounts(total, {n: counts[i] for i, n in enumerate(names)})
 
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
             target = _unwrap(model if model is not None else self.model)
