@@ -14,6 +14,16 @@ the pytest side asserts on those files. Scenarios:
                     back with MiLoRAModel.from_pretrained to the trained model's logits.
   trainer           MiLoRATrainer under torchrun with default arguments (DDP): ranks agree, the
                     checkpoint holds only adapter files and loads to the trained model's logits.
+  trainer_several   MiLoRATrainer, two adapters trained at once (prompt- and token-routed),
+                    gradient accumulation 2 on each rank: the first step's gradient (each
+                    adapter's tokens counted over both micro-batches and both ranks) equals one
+                    process's gradient on the whole global batch.
+
+FSDP through Trainer (TrainingArguments(fsdp=...), or ACCELERATE_USE_FSDP=true) cannot run on
+CPU: accelerate 1.15 enables its FSDP plugin only for GPU-like device types (MULTI_GPU, NPU,
+XPU, ...), not MULTI_CPU, and silently falls back to DDP (Trainer.is_fsdp_enabled False); a
+model sharded by hand with fully_shard and handed to Trainer then fails in accelerate's DDP
+wrap ("This operation would remove or reshape sharded dimension 0"). So no scenario for it here.
 """
 import json
 import os
@@ -197,12 +207,55 @@ def scenario_trainer(rank, world, out_dir):
     return res
 
 
+def _several_model():
+    from milora import MiLoRAConfig
+    from milora_test_utils import milora_model, randomize_adapter
+    # load_balance_coef 0: a Switch loss is not additive over ranks / micro-batches, the LM loss is
+    model, _ = milora_model(config=MiLoRAConfig(r=4, alpha=8, top_k=3, load_balance_coef=0.0), seed=0)
+    model.add_adapter("other", MiLoRAConfig(r=2, alpha=4, routing="token", experts_per_module=2, top_k=1,
+                                            load_balance_coef=0.0))
+    randomize_adapter(model, "other", 7)
+    model.set_trainable_adapters(["default", "other"])
+    model.train()
+    return model
+
+
+def scenario_trainer_several(rank, world, out_dir):
+    from transformers import TrainerCallback, TrainingArguments
+    from milora.training import MiLoRADataCollator, MiLoRATrainer
+    names = ["default", "other", "default", "default"]  # the ranks' micro-batches hold different counts
+    ids, labels = _batch(500, B=4, L=9)
+    for r in range(4):
+        labels[r, : 2 + 2 * r] = -100
+    data = [{"input_ids": ids[r].tolist(), "labels": labels[r].tolist(), "adapter_names": names[r]} for r in range(4)]
+    model = _several_model()
+    seen = {}
+
+    class Grab(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            seen.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    args = TrainingArguments(output_dir=os.path.join(out_dir, "several_out"), per_device_train_batch_size=1,
+                             gradient_accumulation_steps=2, max_steps=1, max_grad_norm=0.0, report_to=[],
+                             use_cpu=True, learning_rate=1e-2, disable_tqdm=True, save_strategy="no", seed=0)
+    MiLoRATrainer(model=model, args=args, train_dataset=data, data_collator=MiLoRADataCollator(),
+                  callbacks=[Grab()]).train()
+    ref = _several_model()
+    ref(input_ids=ids, labels=labels, adapter_names=names).loss.backward()  # one process, the global batch
+    want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    keys = sorted(want)
+    return {"same_names": sorted(seen) == keys, "ranks_identical": _gathered_equal([seen[n] for n in keys]),
+            "max_diff_vs_global_batch": max(float((seen[n] - want[n]).abs().max()) for n in keys),
+            "max_grad": max(float(want[n].abs().max()) for n in keys)}
+
+
 SCENARIOS = {
     "ddp": lambda r, w, o: scenario_ddp(r, w, o, find_unused=False),
     "ddp_unused": lambda r, w, o: scenario_ddp(r, w, o, find_unused=True),
     "fsdp1": lambda r, w, o: scenario_fsdp(r, w, o, 1),
     "fsdp2": lambda r, w, o: scenario_fsdp(r, w, o, 2),
     "trainer": scenario_trainer,
+    "trainer_several": scenario_trainer_several,
 }
 
 
