@@ -39,9 +39,10 @@ def test_batches(dtype, seq_lens, ids, P):
 @pytest.mark.parametrize("E", [1, 2, 3, 8])
 @pytest.mark.parametrize("R", [1, 7, 16, 33, 128])
 def test_experts_and_ranks(dtype, E, R):
-    # Adapter 0 holds 22 tokens (packed tiles), adapters 1 and 2 one each (dot tiles).
-    lens = [3, 1, 19, 1]
-    run(make_problem(lens, [0, 1, 0, 2], K=75, N=43, P=3, E=E, R=R, active_experts=max(1, E // 2), dtype=dtype, seed=E * 1000 + R))
+    # Adapter 0 holds 22 tokens in short sequences (packed tiles) and a 66-token sequence (ATen
+    # GEMM route), adapters 1 and 2 one token each (dot tiles).
+    lens = [3, 1, 19, 1, 66]
+    run(make_problem(lens, [0, 1, 0, 2, 0], K=75, N=43, P=3, E=E, R=R, active_experts=max(1, E // 2), dtype=dtype, seed=E * 1000 + R))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -16,9 +16,12 @@
 //   expand:   y[t, :] += sum_e B[p,e] @ U[t, e, :] over the experts active for t's sequence,
 //             in column chunks (256, narrower when that leaves threads idle) so a chunk of B
 //             stays in cache for all the adapter's tokens.
-// Adapters with at least kPackedMinTokens tokens go through packed GEMM-like tiles (A^T / B^T
-// packed to float32 panels once per work item); the others (decode: one token per adapter)
-// through dot tiles that read A and B straight from memory, which bounds them.
+// Sequences of at least kGemmMinTokens tokens (prefill) skip the phases: their LoRA term is two
+// ATen GEMMs over their own rows (add_gated_lora_gemm), the blocked code the base product
+// uses. In the phases, long token lists / adapters go through packed GEMM-like tiles (A^T / B^T
+// packed to float32 panels once per work item); the others (decode: a few tokens per adapter)
+// through dot tiles that read A and B straight from memory, which bounds them (for bfloat16
+// on AVX-512-BF16, with vdpbf16ps at the width B is stored).
 // Sequences with adapter -1 and experts with gate 0 are never visited.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -27,6 +30,7 @@
 
 #include <algorithm>
 #include <map>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -36,7 +40,10 @@
 namespace milora::cpu {
 namespace {
 
-constexpr int64_t kPackedMinTokens = 16;  // token lists (and adapters, in the expand) this long use packed tiles
+constexpr int64_t kGemmMinTokens = 64;    // a sequence this long takes the ATen GEMM route (add_gated_lora_gemm)
+constexpr int64_t kShrinkPackedMinTokens = 64;  // shrink: token lists this long use packed tiles (shorter
+                                                // ones: dot tiles, whose reads of A cost less than packing it)
+constexpr int64_t kPackedMinTokens = 16;  // expand: adapters with this many tokens use packed tiles
 constexpr int64_t kPackedRows = 6;        // tokens per packed tile (lora_tiles.h)
 constexpr int64_t kPackedMinChunk = 48;   // tokens per packed shrink work item: at least...
 constexpr int64_t kPackedMaxChunk = 1024; // ...and at most
@@ -136,13 +143,16 @@ void lora_shrink(const LoraOperands<S, A>& op, const std::vector<TokenList>& lis
   RECORD_FUNCTION("milora::lora_shrink_cpu", std::vector<c10::IValue>());
   const int64_t E = op.E, R = op.R, K = op.K, Rpad = op.Rpad;
   const int64_t threads = at::get_num_threads();
+  // float64 (the reference dtype) keeps the packed tiles from kPackedMinTokens on: their
+  // single accumulation chain per output is what its accuracy tests were calibrated on.
+  const int64_t packed_min_tokens = std::is_same_v<S, double> ? kPackedMinTokens : kShrinkPackedMinTokens;
   std::vector<ShrinkItem> items;
   int64_t macs = 0;
   for (int64_t l = 0; l < static_cast<int64_t>(lists.size()); ++l) {
     const int64_t n = static_cast<int64_t>(lists[l].tokens.size());
     const int64_t ne = static_cast<int64_t>(lists[l].experts.size());
     macs += n * ne * R * K;
-    if (n >= kPackedMinTokens) {
+    if (n >= packed_min_tokens) {
       // Enough items to keep every thread busy, few enough to pack each panel rarely.
       const int64_t chunk = std::clamp(round_up(ceil_div(n, threads), kPackedRows), kPackedMinChunk, kPackedMaxChunk);
       for (int64_t i0 = 0; i0 < n; i0 += chunk) items.push_back(ShrinkItem{l, i0, std::min(i0 + chunk, n), 0, 0, Rpad, true});
@@ -226,6 +236,50 @@ void lora_shrink(const LoraOperands<S, A>& op, const std::vector<TokenList>& lis
   });
 }
 
+// Column chunks of the expand: 256, or narrower when there are fewer chunks than threads.
+int64_t expand_chunk_cols(int64_t units, int64_t N) {
+  const int64_t threads = at::get_num_threads();
+  if (units * ceil_div(N, kExpandCols) >= threads) return kExpandCols;
+  return std::max(kMinExpandCols, round_up(ceil_div(N * units, threads), kMinExpandCols));
+}
+
+// The expand by token list, where the level has a list kernel (bfloat16 on AVX-512-BF16).
+template <typename S, typename A>
+void lora_expand_lists(const LoraOperands<S, A>& op, const std::vector<TokenList>& lists, const LoraKernels<S, A>& kern) {
+  RECORD_FUNCTION("milora::lora_expand_cpu", std::vector<c10::IValue>());
+  const int64_t N = op.N, num_lists = static_cast<int64_t>(lists.size());
+  const int64_t cols = expand_chunk_cols(num_lists, N);
+  std::vector<std::pair<int64_t, int64_t>> items;  // (list, first column)
+  int64_t macs = 0;
+  for (int64_t l = 0; l < num_lists; ++l) {
+    macs += static_cast<int64_t>(lists[l].tokens.size() * lists[l].experts.size()) * N * op.R;
+    for (int64_t n0 = 0; n0 < N; n0 += cols) items.emplace_back(l, n0);
+  }
+  for_items(static_cast<int64_t>(items.size()), macs, [&](int64_t begin, int64_t end) {
+    std::vector<A> scratch;
+    for (int64_t w = begin; w < end; ++w) {
+      const TokenList& l = lists[items[w].first];
+      ExpandJob<S, A> job{};
+      job.b = op.b + l.adapter * op.E * N * op.R;
+      job.u = op.u;
+      job.y = op.y;
+      job.N = N;
+      job.E = op.E;
+      job.R = op.R;
+      job.Rpad = op.Rpad;
+      job.n0 = items[w].second;
+      job.n1 = std::min(N, job.n0 + cols);
+      job.tokens = l.tokens.data();
+      job.ntokens = static_cast<int64_t>(l.tokens.size());
+      job.experts = l.experts.data();
+      job.nexperts = static_cast<int64_t>(l.experts.size());
+      scratch.resize(expand_list_scratch(job.nexperts, op.R, job.n1 - job.n0));
+      job.scratch = scratch.data();
+      kern.expand_list(job);
+    }
+  });
+}
+
 // y[t, :] += sum over the active experts e of t's sequence of B[p, e] @ U[t, e, :].
 template <typename S, typename A>
 void lora_expand(const LoraOperands<S, A>& op, const LoraPlan& plan, const ActiveExperts<A>& act,
@@ -233,11 +287,7 @@ void lora_expand(const LoraOperands<S, A>& op, const LoraPlan& plan, const Activ
   RECORD_FUNCTION("milora::lora_expand_cpu", std::vector<c10::IValue>());
   const int64_t E = op.E, N = op.N, R = op.R;
   const int64_t groups = static_cast<int64_t>(plan.groups.size());
-  // Column chunks: 256, or narrower when there are fewer chunks than threads.
-  const int64_t threads = at::get_num_threads();
-  int64_t cols = kExpandCols;
-  if (groups * ceil_div(N, cols) < threads)
-    cols = std::max(kMinExpandCols, round_up(ceil_div(N * groups, threads), kMinExpandCols));
+  const int64_t cols = expand_chunk_cols(groups, N);
   struct Item {
     int64_t group, n0, n1;
     bool packed;
@@ -285,6 +335,82 @@ void lora_expand(const LoraOperands<S, A>& op, const LoraPlan& plan, const Activ
       }
     }
   });
+}
+
+// Sequences of at least kGemmMinTokens tokens take their LoRA term through ATen's GEMM
+// (oneDNN: AMX tiles or AVX-512 blocking, the same code as the base product) instead of the
+// hand-written tiles: at prefill sizes the shrink and expand are thin GEMMs whose cost is
+// reading x and updating y once, which a blocked GEMM does at memory speed, while the tiles
+// would first pack A / B.
+// Moves the sequences with at least kGemmMinTokens tokens out of the plan (groups left empty
+// are dropped); returns them in batch order.
+std::vector<int64_t> take_long_sequences(LoraPlan& plan) {
+  std::vector<int64_t> taken;
+  std::vector<AdapterGroup> kept;
+  for (auto& grp : plan.groups) {
+    AdapterGroup rest{grp.adapter, {}};
+    for (int64_t s : grp.seqs) {
+      if (plan.seq_end(s) - plan.seq_begin(s) >= kGemmMinTokens) {
+        taken.push_back(s);
+      } else {
+        rest.seqs.push_back(s);
+      }
+    }
+    if (!rest.seqs.empty()) kept.push_back(std::move(rest));
+  }
+  plan.groups = std::move(kept);
+  std::sort(taken.begin(), taken.end());
+  return taken;
+}
+
+// y[t] += sum_e gates[s, e] * B[p, e] @ (A[p, e] @ x[t]) for the tokens t of sequence s, with
+// ATen GEMMs over the sequence's own rows and its active experts only (tenant isolation: no
+// other adapter, and no expert with gate 0, is read). The rank-R intermediate is rounded to
+// x's dtype between the two products, as PyTorch does for the same computation in that dtype.
+void add_gated_lora_gemm(
+    at::Tensor& y,             // [T, N]
+    const at::Tensor& x,       // [T, K]
+    const at::Tensor& lora_a,  // [P, E, R, K]
+    const at::Tensor& lora_b,  // [P, E, N, R]
+    const at::Tensor& gates,   // [S, E] accumulation dtype, contiguous
+    const LoraPlan& plan,
+    int64_t s,
+    int64_t adapter) {
+  RECORD_FUNCTION("milora::lora_gemm_cpu", std::vector<c10::IValue>());
+  const int64_t E = lora_a.size(1), R = lora_a.size(2), K = lora_a.size(3), N = lora_b.size(2);
+  const int64_t t0 = plan.seq_begin(s), len = plan.seq_end(s) - t0;
+  const at::Tensor gate_row = gates[s];  // [E]
+  std::vector<int64_t> experts;
+  std::vector<double> scale;
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "gated_lora_gemm_gates", [&] {
+    const scalar_t* g = gate_row.data_ptr<scalar_t>();
+    for (int64_t e = 0; e < E; ++e)
+      if (g[e] != scalar_t(0)) {
+        experts.push_back(e);
+        scale.push_back(static_cast<double>(g[e]));
+      }
+  });
+  if (experts.empty()) return;
+  const at::Tensor xs = x.narrow(0, t0, len);  // [len, K]
+  at::Tensor ys = y.narrow(0, t0, len);        // [len, N], whole rows: contiguous
+  const at::Tensor a_p = lora_a[adapter];      // [E, R, K]
+  const at::Tensor b_p = lora_b[adapter];      // [E, N, R]
+  if (experts.size() == 1) {
+    const int64_t e = experts[0];
+    at::Tensor u = at::mm(xs, a_p[e].t());  // [len, R]
+    u.mul_(scale[0]);
+    ys.addmm_(u, b_p[e].t());
+    return;
+  }
+  const int64_t k = static_cast<int64_t>(experts.size());
+  const at::Tensor idx = at::tensor(experts, at::TensorOptions().dtype(at::kLong));
+  const at::Tensor a_sel = a_p.index_select(0, idx).reshape({k * R, K});                   // [k R, K]
+  const at::Tensor b_sel = b_p.index_select(0, idx).permute({1, 0, 2}).reshape({N, k * R});  // [N, k R]
+  at::Tensor u = at::mm(xs, a_sel.t());  // [len, k R]
+  const at::Tensor col_scale =
+      at::tensor(scale, at::TensorOptions().dtype(gates.scalar_type())).repeat_interleave(R);  // [k R]
+  u.mul_(col_scale);
+  ys.addmm_(u, b_sel.t());
 }
 
 template <typename scalar_t>
@@ -342,8 +468,13 @@ void add_gated_lora(
       reinterpret_cast<const S*>(lora_b.data_ptr<scalar_t>()), g, u_buffer.data(),
       reinterpret_cast<S*>(y.data_ptr<scalar_t>()), sh.T, sh.K, sh.N, sh.E, sh.R, Rpad};
   const ActiveExperts<A> act(plan, g, sh.S, sh.E);
-  lora_shrink(op, token_lists(plan, act, sh.E), kern);
-  lora_expand(op, plan, act, kern);
+  const std::vector<TokenList> lists = token_lists(plan, act, sh.E);
+  lora_shrink(op, lists, kern);
+  if (kern.expand_list != nullptr) {
+    lora_expand_lists(op, lists, kern);
+  } else {
+    lora_expand(op, plan, act, kern);
+  }
 }
 
 at::Tensor gated_lora_linear_cpu(
@@ -369,7 +500,12 @@ at::Tensor gated_lora_linear_cpu(
   if (!y.is_contiguous()) y = y.contiguous();
   const at::ScalarType acc = accumulate_type(x.scalar_type());
   const at::Tensor gates_acc = gates.scalar_type() == acc && gates.is_contiguous() ? gates : gates.to(acc).contiguous();  // [S, E]
-  const LoraPlan plan = plan_by_adapter(seq_offsets, adapter_ids, &gates_acc);
+  LoraPlan plan = plan_by_adapter(seq_offsets, adapter_ids, &gates_acc);
+  // float64 stays on the tiles: it is the reference dtype, whose LoRA term keeps one rounding.
+  if (!plan.groups.empty() && x.scalar_type() != at::kDouble) {
+    const IndexReader ids(adapter_ids);  // [S]
+    for (int64_t s : take_long_sequences(plan)) add_gated_lora_gemm(y, x2, lora_a, lora_b, gates_acc, plan, s, ids[s]);
+  }
   if (!plan.groups.empty()) {
     const c10::MaybeOwned<at::Tensor> a = lora_a.expect_contiguous();  // [P, E, R, K]
     const c10::MaybeOwned<at::Tensor> b = lora_b.expect_contiguous();  // [P, E, N, R]

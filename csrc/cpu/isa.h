@@ -61,7 +61,18 @@ struct ExpandJob {
   const char* used;             // [E]: whether some sequence of seqs uses expert e
   int64_t nseqs, N, E, R, Rpad;
   int64_t n0, n1;
+  // expand_list items instead name one token list (tokens of one adapter sharing one set of
+  // active experts) and leave seqs .. used unset.
+  const int64_t* tokens;        // the list's tokens
+  int64_t ntokens;
+  const int64_t* experts;       // its active experts, ascending
+  int64_t nexperts;
 };
+
+// Scratch (in accumulation-type elements) an expand_list item needs.
+static constexpr int64_t expand_list_scratch(int64_t nexperts, int64_t R, int64_t cols) {
+  return nexperts * ((R + 1) / 2) * ((cols + 31) / 32 * 32) + 2 * 4 * nexperts * ((R + 1) / 2);
+}
 
 template <typename S, typename A>
 struct LoraKernels {
@@ -69,7 +80,17 @@ struct LoraKernels {
   void (*shrink_packed)(const ShrinkJob<S, A>&);
   void (*expand_dot)(const ExpandJob<S, A>&);
   void (*expand_packed)(const ExpandJob<S, A>&);
+  // Optional (nullptr where the level has none): the whole expand of one token list over
+  // columns [n0, n1), whatever its length; scratch: expand_list_scratch values.
+  void (*expand_list)(const ExpandJob<S, A>&);
 };
+
+// Ranks the AVX-512-BF16 dot expand handles (B rows read 32 bfloat16 at a time: R | 32 or
+// 32 | R, and R even for the pairs of vdpbf16ps). Internal linkage (static), so each unit that
+// uses it has its own copy whatever that unit's target ISA.
+static constexpr bool bf16_dot_expand_rank(int64_t R) {
+  return R >= 2 && R % 2 == 0 && (32 % R == 0 || R % 32 == 0);
+}
 
 struct KernelTable {
   CpuCapability level;

@@ -171,9 +171,227 @@ void expand_dot(const ExpandJob<S, A>& j) {
   }
 }
 
+#if MILORA_ISA_LEVEL >= 3
+// bfloat16 expand with AVX-512-BF16, one token list (tokens of one adapter sharing one set of
+// active experts) per item (expand_list). vdpbf16ps multiplies bfloat16 B as stored by the
+// token's U row split into bfloat16 hi + lo halves (u = hi + lo to about 2^-16 relative, so
+// nearly float32) and adds the products in pairs into float32 lanes; the float32 tiles
+// (expand_dot / expand_packed) spend most of their time widening B and, in the dot tiles,
+// reducing across lanes. Dot form (expand_list_dot, a token or two, R | 32 or 32 | R): B rows
+// are read as they lie, 32 values per load, every expert adds into the same lanes, and one
+// pairwise-add tree per 16-column block gives the block's sums. Packed form
+// (expand_list_packed): see there.
+constexpr int kDotExpandMaxZmm = 64;  // hi + lo vectors of a token's experts kept on the stack
+
+// The 16 lanes i of the result: lane pair (2i, 2i + 1) of a (i < 8) or of b (i >= 8), summed.
+inline __m512 pair_sum(__m512 a, __m512 b) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  return _mm512_add_ps(_mm512_permutex2var_ps(a, even, b), _mm512_permutex2var_ps(a, odd, b));
+}
+
+// u[0 .. R) (float32) as bfloat16 hi and lo vectors of 32 lanes: lane j holds u[z * 32 + j]
+// when R >= 32 (vector z of R / 32), and u[j % R] when R < 32 (the row repeated).
+inline void split_u_bf16(const float* u, int64_t R, __m512bh* hi, __m512bh* lo) {
+  const int64_t nz = R >= 32 ? R / 32 : 1;
+  for (int64_t z = 0; z < nz; ++z) {
+    alignas(64) float f[32];
+    for (int j = 0; j < 32; ++j) f[j] = R >= 32 ? u[z * 32 + j] : u[j % R];
+    const __m512 f0 = _mm512_load_ps(f), f1 = _mm512_load_ps(f + 16);
+    const __m512bh h = _mm512_cvtne2ps_pbh(f1, f0);  // lanes 0-15 from f0, 16-31 from f1
+    const __m512i hb = (__m512i)h;
+    const __m512 h0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(hb)), 16));
+    const __m512 h1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(hb, 1)), 16));
+    hi[z] = h;
+    lo[z] = _mm512_cvtne2ps_pbh(_mm512_sub_ps(f1, h1), _mm512_sub_ps(f0, h0));
+  }
+}
+
+// The dot form, for lists of a few tokens: NACC accumulators per 16-column block (a
+// compile-time count, so they stay in registers): NACC = R / 2 when R <= 32 (32 / R rows per
+// 32-value load), 16 when R >= 32 (one row per accumulator, R / 32 loads each).
+template <int NACC>
+void expand_list_dot(const ExpandJob<bf16_t, float>& j) {
+  constexpr int64_t rows_per_vec = 16 / NACC;
+  const int64_t E = j.E, R = j.R, Rpad = j.Rpad, N = j.N;
+  const int64_t nz = R >= 32 ? R / 32 : 1;  // 32-value loads per accumulator
+  __m512bh hi[kDotExpandMaxZmm], lo[kDotExpandMaxZmm];
+  const bf16_t* b_of[kDotExpandMaxZmm];
+  const int64_t na = j.nexperts;
+  for (int64_t q = 0; q < na; ++q) b_of[q] = j.b + j.experts[q] * N * R;
+  for (int64_t i = 0; i < j.ntokens; ++i) {
+    const int64_t t = j.tokens[i];
+    bf16_t* yrow = j.y + t * N;
+    for (int64_t q = 0; q < na; ++q) split_u_bf16(j.u + (t * E + j.experts[q]) * Rpad, R, hi + q * nz, lo + q * nz);
+    int64_t n = j.n0;
+    for (; n + 16 <= j.n1; n += 16) {
+      __m512 acc[NACC];
+      for (int v = 0; v < NACC; ++v) acc[v] = _mm512_setzero_ps();
+      for (int64_t q = 0; q < na; ++q) {
+        const bf16_t* rows = b_of[q] + n * R;
+        for (int64_t z = 0; z < nz; ++z) {
+          const __m512bh h = hi[q * nz + z], l = lo[q * nz + z];
+          for (int v = 0; v < NACC; ++v) {
+            const __m512bh bv = (__m512bh)_mm512_loadu_si512(rows + v * rows_per_vec * R + z * 32);
+            acc[v] = _mm512_dpbf16_ps(acc[v], bv, h);
+            acc[v] = _mm512_dpbf16_ps(acc[v], bv, l);
+          }
+        }
+      }
+      // NACC vectors of 16 rows x NACC partial sums (rows in lane order) -> 16 row sums.
+      for (int width = NACC; width > 1; width /= 2)
+        for (int v = 0; v < width / 2; ++v) acc[v] = pair_sum(acc[2 * v], acc[2 * v + 1]);
+      Vec512{acc[0]}.add_to(yrow + n, 16);
+    }
+    if (n < j.n1) {  // the last, partial block: rows past n1 read as 0, never from memory
+      const int64_t cols = j.n1 - n;
+      __m512 acc[NACC];
+      for (int v = 0; v < NACC; ++v) acc[v] = _mm512_setzero_ps();
+      for (int64_t q = 0; q < na; ++q) {
+        const bf16_t* rows = b_of[q] + n * R;
+        for (int64_t z = 0; z < nz; ++z)
+          for (int v = 0; v < NACC; ++v) {
+            const int64_t row0 = v * rows_per_vec;
+            const int64_t valid = row0 >= cols ? 0 : (cols - row0 >= rows_per_vec ? 32 : (cols - row0) * R);
+            const __mmask32 m = static_cast<__mmask32>(valid == 32 ? ~uint64_t(0) : (uint64_t(1) << valid) - 1);
+            const __m512bh bv = (__m512bh)_mm512_maskz_loadu_epi16(m, rows + row0 * R + z * 32);
+            acc[v] = _mm512_dpbf16_ps(acc[v], bv, hi[q * nz + z]);
+            acc[v] = _mm512_dpbf16_ps(acc[v], bv, lo[q * nz + z]);
+          }
+      }
+      for (int width = NACC; width > 1; width /= 2)
+        for (int v = 0; v < width / 2; ++v) acc[v] = pair_sum(acc[2 * v], acc[2 * v + 1]);
+      Vec512{acc[0]}.add_to(yrow + n, static_cast<int>(cols));
+    }
+  }
+}
+
+// The packed form, for lists of several tokens (B read once for all of them): B^T of the
+// chunk is packed in vdpbf16ps' pair layout, panel[q][r2][c] = (B[e, n0 + c, 2 r2],
+// B[e, n0 + c, 2 r2 + 1]) as one 32-bit word (an odd R's last pair padded with 0), so one
+// 64-byte load holds 16 columns of a rank pair and no reduction across lanes is needed:
+// MT tokens x 32 columns of float32 sums stay in registers, each step broadcasting a
+// token's (u[2 r2], u[2 r2 + 1]) pair, split into bfloat16 hi + lo as in the dot form.
+constexpr int kListTokens = 4;  // tokens per register tile
+
+template <int MT>
+void expand_list_tile(const uint32_t* panel, int64_t nexp, int64_t R2, int64_t ld, const uint32_t* uh,
+                      const uint32_t* ul, bf16_t* const* y_rows, int64_t cols) {
+  // uh / ul: [MT][nexp * R2] pairs of the tile's tokens
+  for (int64_t c = 0; c < cols; c += 32) {
+    __m512 acc[MT][2];
+    for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int64_t q = 0; q < nexp; ++q) {
+      const uint32_t* pq = panel + q * R2 * ld + c;
+      for (int64_t r2 = 0; r2 < R2; ++r2) {
+        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(pq + r2 * ld);
+        const __m512bh b1 = (__m512bh)_mm512_loadu_si512(pq + r2 * ld + 16);
+        for (int i = 0; i < MT; ++i) {
+          const int64_t w = i * nexp * R2 + q * R2 + r2;
+          const __m512bh h = (__m512bh)_mm512_set1_epi32(static_cast<int>(uh[w]));
+          const __m512bh l = (__m512bh)_mm512_set1_epi32(static_cast<int>(ul[w]));
+          acc[i][0] = _mm512_dpbf16_ps(acc[i][0], b0, h);
+          acc[i][1] = _mm512_dpbf16_ps(acc[i][1], b1, h);
+          acc[i][0] = _mm512_dpbf16_ps(acc[i][0], b0, l);
+          acc[i][1] = _mm512_dpbf16_ps(acc[i][1], b1, l);
+        }
+      }
+    }
+    const int64_t n0 = min64(16, cols - c), n1 = min64(16, cols - c - 16);
+    for (int i = 0; i < MT; ++i) {
+      Vec512{acc[i][0]}.add_to(y_rows[i] + c, static_cast<int>(n0));
+      if (n1 > 0) Vec512{acc[i][1]}.add_to(y_rows[i] + c + 16, static_cast<int>(n1));
+    }
+  }
+}
+
+inline uint32_t bf16_bits(float f) {
+  return static_cast<uint16_t>(_mm_cvtsi128_si32((__m128i)_mm_cvtneps_pbh(_mm_set_ss(f))));
+}
+
+inline void expand_list_packed(const ExpandJob<bf16_t, float>& j) {
+  const int64_t E = j.E, R = j.R, Rpad = j.Rpad, N = j.N, R2 = (R + 1) / 2, nexp = j.nexperts;
+  const int64_t cols = j.n1 - j.n0, ld = round_up64(cols, 32);
+  uint32_t* panel = reinterpret_cast<uint32_t*>(j.scratch);  // [nexp][R2][ld]
+  uint32_t* uh = panel + nexp * R2 * ld;                      // [kListTokens][nexp * R2]
+  uint32_t* ul = uh + kListTokens * nexp * R2;
+  for (int64_t q = 0; q < nexp; ++q) {
+    const uint16_t* b_rows = reinterpret_cast<const uint16_t*>(j.b + (j.experts[q] * N + j.n0) * R);
+    uint32_t* pq = panel + q * R2 * ld;
+    for (int64_t c = 0; c < cols; ++c)
+      for (int64_t r2 = 0; r2 < R2; ++r2) {
+        const uint32_t lo16 = b_rows[c * R + 2 * r2];
+        const uint32_t hi16 = 2 * r2 + 1 < R ? b_rows[c * R + 2 * r2 + 1] : 0u;
+        pq[r2 * ld + c] = lo16 | (hi16 << 16);
+      }
+    for (int64_t r2 = 0; r2 < R2; ++r2)
+      for (int64_t c = cols; c < ld; ++c) pq[r2 * ld + c] = 0u;
+  }
+  for (int64_t i0 = 0; i0 < j.ntokens; i0 += kListTokens) {
+    const int mt = static_cast<int>(min64(kListTokens, j.ntokens - i0));
+    bf16_t* y_rows[kListTokens];
+    for (int i = 0; i < mt; ++i) {
+      const int64_t t = j.tokens[i0 + i];
+      y_rows[i] = j.y + t * N + j.n0;
+      for (int64_t q = 0; q < nexp; ++q) {
+        const float* u = j.u + (t * E + j.experts[q]) * Rpad;
+        for (int64_t r2 = 0; r2 < R2; ++r2) {
+          uint32_t h = 0, l = 0;
+          for (int half = 0; half < 2; ++half) {
+            const int64_t r = 2 * r2 + half;
+            const float v = r < R ? u[r] : 0.0f;
+            const uint32_t hb = bf16_bits(v);
+            float hf;
+            const uint32_t hw = hb << 16;
+            std::memcpy(&hf, &hw, 4);
+            h |= hb << (16 * half);
+            l |= bf16_bits(v - hf) << (16 * half);
+          }
+          uh[i * nexp * R2 + q * R2 + r2] = h;
+          ul[i * nexp * R2 + q * R2 + r2] = l;
+        }
+      }
+    }
+    switch (mt) {
+      case 1: expand_list_tile<1>(panel, nexp, R2, ld, uh, ul, y_rows, cols); break;
+      case 2: expand_list_tile<2>(panel, nexp, R2, ld, uh, ul, y_rows, cols); break;
+      case 3: expand_list_tile<3>(panel, nexp, R2, ld, uh, ul, y_rows, cols); break;
+      default: expand_list_tile<4>(panel, nexp, R2, ld, uh, ul, y_rows, cols); break;
+    }
+  }
+}
+
+// One token list's expand: the dot form for one or two tokens when the rank suits it, the
+// packed form otherwise.
+inline void expand_list_bf16(const ExpandJob<bf16_t, float>& j) {
+  const int64_t nz = j.R >= 32 ? j.R / 32 : 1;
+  if (j.ntokens > 2 || !bf16_dot_expand_rank(j.R) || j.nexperts * nz > kDotExpandMaxZmm) return expand_list_packed(j);
+  switch (j.R >= 32 ? 16 : j.R / 2) {
+    case 1: return expand_list_dot<1>(j);
+    case 2: return expand_list_dot<2>(j);
+    case 4: return expand_list_dot<4>(j);
+    case 8: return expand_list_dot<8>(j);
+    default: return expand_list_dot<16>(j);
+  }
+}
+#endif
+
+// The level's list expand: bfloat16 at level 3 only.
+template <typename S, typename A>
+constexpr void (*expand_list_of())(const ExpandJob<S, A>&) {
+  return nullptr;
+}
+#if MILORA_ISA_LEVEL >= 3
+template <>
+constexpr void (*expand_list_of<bf16_t, float>())(const ExpandJob<bf16_t, float>&) {
+  return &expand_list_bf16;
+}
+#endif
+
 template <typename S, typename A>
 constexpr LoraKernels<S, A> kernels_for() {
-  return LoraKernels<S, A>{&shrink_dot<S, A>, &shrink_packed<S, A>, &expand_dot<S, A>, &expand_packed<S, A>};
+  return LoraKernels<S, A>{&shrink_dot<S, A>, &shrink_packed<S, A>, &expand_dot<S, A>, &expand_packed<S, A>,
+                          expand_list_of<S, A>()};
 }
 
 }  // namespace milora::cpu::MILORA_ISA_NS
