@@ -171,3 +171,98 @@ def test_emulated_misaligned_views(emu, path, T, K, keys):
     dtype = torch.float32 if path == "fp32" else torch.bfloat16
     case = _misaligned(cc.make_case(K=K, N=40, E=2, R=16, seq_lens=[T // 2, T - T // 2], dtype=dtype), keys)
     cc.check_close(emu.run(*cc.args(case), path), case, f"misaligned {keys} {path} K={K}")
+
+
+# ---- K % 8 != 0 and misaligned views: the weight and lora_a streams keep 16-byte loads ----
+
+_ODD_K = [4095, 4097, 4100, 4102, 4104, 129, 7, 1]
+_VIEWS = {"aligned": (), "x": ("x",), "w": ("weight",), "all": ("x", "weight", "lora_a", "lora_b")}
+
+
+def _decode_case(K, dtype, view, N=37, seed=0):
+    """Five one-token sequences (adapters 0, -1, 1, 0, 2; half the gates zero) with the
+    operands `_VIEWS[view]` as views one element past an aligned start."""
+    case = cc.make_case(K=K, N=N, E=2, R=16, seq_lens=[1] * 5, P=3, adapter_ids=[0, -1, 1, 0, 2],
+                        zero_gate_frac=0.5, dtype=dtype, seed=seed)
+    return _misaligned(case, _VIEWS[view])
+
+
+@pytest.mark.parametrize("view", list(_VIEWS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("K", _ODD_K)
+def test_emulated_unaligned_K_matches_reference(emu, K, dtype, view):
+    """Every K % 8 (and K < 8), odd N, adapters -1 and zero gates, aligned and misaligned
+    views: the decode path (fp16 / bf16: row groups of one offset from a 16-byte boundary,
+    shifted x) and the float32 path (shrink_simt row by row) match the reference."""
+    path = "fp32" if dtype == torch.float32 else "decode"
+    case = _decode_case(K, dtype, view, seed=K)
+    cc.check_close(emu.run(*cc.args(case), path), case, f"K={K} {dtype} {view} {path}")
+
+
+@pytest.mark.parametrize("path", ["preinit", "rmw"])
+@pytest.mark.parametrize("view", ["aligned", "all"])
+@pytest.mark.parametrize("K", [4097, 4102, 129, 7])
+def test_emulated_unaligned_K_prefill(emu, K, view, path):
+    """The prefill shrink reads x from the packing's padded rows (16-byte loads) and a
+    misaligned lora_a with scalar loads, for any K."""
+    case = cc.make_case(K=K, N=37, E=2, R=16, seq_lens=[33, 37], P=2, adapter_ids=[1, -1], zero_gate_frac=0.25,
+                        dtype=torch.float16, seed=K)
+    case = _misaligned(case, _VIEWS[view])
+    cc.check_close(emu.run(*cc.args(case), path), case, f"prefill K={K} {view} {path}")
+
+
+@pytest.mark.parametrize("path", ["decode", "decode_rt1"])
+@pytest.mark.parametrize("T", [1, 9, 17, 33, 64])
+def test_emulated_decode_token_tiles_odd_K(emu, T, path):
+    """Every token tile and row tile of the fused kernel with K % 8 != 0 (CTAs on every 8th
+    row, x shifted; the largest tiles take one chunk in flight) and a misaligned weight."""
+    case = cc.make_case(K=203, N=45, E=2, R=8, seq_lens=[1] * T, P=max(T // 2, 1), dtype=torch.bfloat16, seed=T)
+    case = _misaligned(case, ("weight",))
+    cc.check_close(emu.run(*cc.args(case), path), case, f"{path} T={T} K=203")
+
+
+def _active_pairs(case):
+    """(token, expert) pairs with an adapter and a non-zero gate, for one-token sequences."""
+    ids = case["adapter_ids"].tolist()
+    return sum(int((case["gates"][s] != 0).sum()) for s in range(len(ids)) if ids[s] >= 0)
+
+
+@pytest.mark.parametrize("view", ["aligned", "w", "all"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("K", [4095, 4097, 4100, 4102, 4104, 129])
+def test_emulated_streams_use_16_byte_loads(emu, K, dtype, view):
+    """The weight (decode kernel) and lora_a (shrink_simt) streams are read with 16-byte loads
+    whatever K % 8 and the views' offsets are: at most 7 elements per row before its first
+    16-byte boundary and 7 after its last whole 16 bytes go element-wise (the emulator counts
+    the bytes each load width reads from each operand). Before, K % 8 != 0 or a misaligned
+    weight gave 0 bytes of 16-byte loads here."""
+    path = "fp32" if dtype == torch.float32 else "decode"
+    case = _decode_case(K, dtype, view, seed=K)
+    y = emu.run(*cc.args(case), path)
+    cc.check_close(y, case, f"K={K} {dtype} {view}")
+    stats = emu.load_stats()
+    N, R, size = case["weight"].shape[0], case["lora_a"].shape[2], case["x"].element_size()
+    pairs = _active_pairs(case)
+    assert pairs > 0
+    # every active (token, expert) reads its R rows of lora_a once
+    assert stats["lora_a"][16] >= pairs * R * (K - 14) * size, stats["lora_a"]
+    if path == "decode":
+        assert stats["weight"][16] >= N * (K - 14) * size, stats["weight"]
+        # element-wise: <= 14 per row; rows past N are clamped to loaded rows of the same CTA
+        # (8 CTAs x 16 rows here at most)
+        assert stats["weight"][2] <= 14 * size * 8 * 16, stats["weight"]
+        # x (a few KB, L1/L2): two aligned loads + shift at the weight rows' offsets
+        assert stats["x"][16] >= 10 * stats["x"][2], stats["x"]
+
+
+@pytest.mark.parametrize("K", [4097, 4104])
+def test_emulated_prefill_x_stream_uses_16_byte_loads(emu, K):
+    """The prefill shrink streams x (padded to aligned rows by the packing when K % 8 != 0)
+    with 16-byte loads; lora_a goes element-wise there when its rows are misaligned."""
+    case = cc.make_case(K=K, N=24, E=2, R=8, seq_lens=[70], P=1, active_experts=1, dtype=torch.bfloat16, seed=K)
+    cc.check_close(emu.run(*cc.args(case), "preinit"), case, f"prefill K={K}")
+    stats = emu.load_stats()
+    T = 70
+    assert stats["x"][16] >= T * (K - 8) * 2, stats["x"]
+    if K % 8 == 0:
+        assert stats["lora_a"][16] > 0 and stats["lora_a"][2] == 0, stats["lora_a"]

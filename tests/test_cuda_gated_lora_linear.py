@@ -133,7 +133,7 @@ def test_leading_dims_and_strided_inputs(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_dt)
 @pytest.mark.parametrize("T", [4, 100])
-def test_misaligned_pointers_use_the_scalar_path(dtype, T):
+def test_misaligned_pointers(dtype, T):
     """Tensors whose data does not start on a 16-byte boundary (views at an odd offset)."""
     case = make(K=128, N=64, E=2, R=16, seq_lens=[T // 2, T - T // 2], dtype=dtype)
     for key in ("x", "weight", "lora_a", "lora_b"):
@@ -143,6 +143,24 @@ def test_misaligned_pointers_use_the_scalar_path(dtype, T):
         view.copy_(t)
         case[key] = view
     cc.check_close(run_op(case), case, f"misaligned T={T}")
+
+
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
+@pytest.mark.parametrize("K", [4095, 4097, 4100, 4102, 4104, 129, 7, 1])
+def test_any_K(K, dtype, misaligned):
+    """K % 8 != 0 (the weight rows off the 16-byte grid: CTAs take rows of one offset, x is
+    padded) and misaligned views, decode and prefill, adapters -1 and zero gates, odd N."""
+    for T, lens in ((5, [1] * 5), (70, [33, 37])):
+        case = make(K=K, N=37, E=2, R=16, seq_lens=lens, P=3, adapter_ids=[0, -1, 1, 0, 2][: len(lens)],
+                    zero_gate_frac=0.5, dtype=dtype, seed=K)
+        if misaligned:
+            for key in ("x", "weight", "lora_a", "lora_b"):
+                t = case[key]
+                view = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape)
+                view.copy_(t)
+                case[key] = view
+        cc.check_close(run_op(case), case, f"K={K} T={T} {dtype} misaligned={misaligned}")
 
 
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])

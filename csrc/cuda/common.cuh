@@ -75,6 +75,7 @@ template <typename V>
 __device__ __forceinline__ V load_vec(const void* p) {
 #ifdef MILORA_CUDA_EMULATION
   emu::check_aligned(p, sizeof(V));
+  emu::note_load(p, sizeof(V));
 #endif
   return *reinterpret_cast<const V*>(p);
 }
@@ -126,17 +127,57 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 #endif
 }
 
-// Elements [k, k + 8) of a row of 16-bit values of length K, packed in pairs, zero past K.
-// One 16-byte load when vec (row start 16-byte aligned, K % 8 == 0) and the 8 lie inside
-// the row, else scalar loads of the elements that exist.
+// Elements [k, k + 8) of a row of 16-bit values of length K, packed in pairs, zero outside
+// [0, K) (k may be negative: a chunk that starts before a row's first 16-byte boundary). One
+// 16-byte load when vec (row + k 16-byte aligned whenever k >= 0) and the 8 lie inside the
+// row, else scalar loads of the elements that exist.
 template <typename T, bool kStream = false>
 __device__ __forceinline__ uint4 load8(const T* row, int64_t k, int64_t K, bool vec) {
   static_assert(sizeof(T) == 2, "load8 packs 16-bit elements");
-  if (vec && k + 8 <= K) return kStream ? ldg16_stream(row + k) : ldg16(row + k);
+  if (vec && k >= 0 && k + 8 <= K) return kStream ? ldg16_stream(row + k) : ldg16(row + k);
   uint32_t h[8];
 #pragma unroll
-  for (int j = 0; j < 8; ++j) h[j] = (k + j < K) ? load_bits16(row + k + j) : 0u;
+  for (int j = 0; j < 8; ++j) h[j] = (k + j >= 0 && k + j < K) ? load_bits16(row + k + j) : 0u;
   return make_uint4(h[0] | (h[1] << 16), h[2] | (h[3] << 16), h[4] | (h[5] << 16), h[6] | (h[7] << 16));
+}
+
+// Bytes [2 m, 2 m + 16) of the 32 bytes w0:w1 (w0 first), 0 <= m < 8: the 16 bytes that start
+// m 16-bit units past a 16-byte boundary. Fixed register indices and selects only (no local
+// memory for a run-time m): shift by 4, 2 and 1 registers' worth in turn.
+__device__ __forceinline__ uint4 funnel16(uint4 w0, uint4 w1, int m) {
+  uint32_t r[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+  if (m & 4) {  // 2 registers
+#pragma unroll
+    for (int i = 0; i < 6; ++i) r[i] = r[i + 2];
+  }
+  if (m & 2) {  // 1 register
+#pragma unroll
+    for (int i = 0; i < 5; ++i) r[i] = r[i + 1];
+  }
+  if (m & 1) {  // one 16-bit unit
+#pragma unroll
+    for (int i = 0; i < 4; ++i) r[i] = (r[i] >> 16) | (r[i + 1] << 16);
+  }
+  return make_uint4(r[0], r[1], r[2], r[3]);
+}
+
+// The 16 bytes at p, which lies m elements of T past a 16-byte boundary (m = 0: one aligned
+// load; else the two aligned 16-byte words that hold them, shifted). The caller guarantees
+// that both words lie inside its buffer (x rows are padded to a multiple of 16 bytes).
+// For small operands read at the offset of another (x at the k of a weight row that starts
+// off a 16-byte boundary): the second load mostly hits the line the neighbouring lane loaded.
+template <typename T>
+__device__ __forceinline__ uint4 ldg16_at(const T* p, int m) {
+  if (m == 0) return ldg16(p);
+  const T* base = p - m;
+  return funnel16(ldg16(base), ldg16(base + 16 / sizeof(T)), m * static_cast<int>(sizeof(T)) / 2);
+}
+
+// Elements of T from p to the next 16-byte boundary (0 when p is on one); p must be aligned
+// to sizeof(T), as every tensor's data is.
+template <typename T>
+__host__ __device__ __forceinline__ int head_elems(const T* p) {
+  return static_cast<int>(((16u - (reinterpret_cast<uintptr_t>(p) & 15u)) & 15u) / sizeof(T));
 }
 
 // ---- tensor cores ----------------------------------------------------------------------

@@ -14,6 +14,14 @@
 // from L2, so a larger row block halves that traffic when x grows) for 132 SMs, all resident
 // at once. The alternative, split-K across CTAs, would need a second pass or atomics on y.
 //
+// Alignment. W is read with 16-byte loads whatever K is: with K % 8 != 0 (or a weight view
+// at an odd offset) a CTA takes rows that all start at the same offset from a 16-byte
+// boundary, every row's 16-byte loads start at its first boundary, and only the <= 7 elements
+// before it and after its last whole 16 bytes are read one at a time. x, padded by the host
+// packing to aligned rows of a multiple of 8 elements, is read at the same k with two aligned
+// 16-byte loads and a shift (it stays in L1/L2). A lora_b with R % 8 != 0 or misaligned rows
+// is read with scalar loads in the epilogue (a few rows per CTA, L2-resident).
+//
 // Overlap. On sm_90 this kernel is a programmatic dependent of the shrink kernel (when its
 // own code has griddepcontrol: kernel_waits_for_pdl below): it starts
 // streaming W while the shrink still runs and waits (griddepcontrol.wait) only before it
@@ -33,11 +41,10 @@ constexpr int kDecodeThreads = kDecodeWarps * 32;
 
 struct DecodeArgs {
   LoraArgs l;
-  const void* weight;  // [N, K]
+  const void* weight;  // [N, K], 2-byte aligned (any tensor's data is)
   const void* bias;    // [N] or nullptr
   void* y;             // [T, N]
-  bool vec_w;          // weight rows 16-byte aligned, K % 8 == 0
-  bool vec_x;          // x rows 16-byte aligned, K % 8 == 0 (the dispatcher copies a misaligned x)
+  int row_step;        // 1: a CTA's rows are consecutive (K % 8 == 0); 8: every 8th row (below)
   bool vec_b;          // lora_b rows 16-byte aligned, R % 8 == 0
 };
 
@@ -69,7 +76,18 @@ __global__ void __launch_bounds__(kDecodeThreads) milora_decode_fused_kernel(con
   const LoraArgs& a = d.l;
   const int64_t T = a.T, K = a.K, N = a.N, E = a.E, R = a.R;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, q = lane & 3;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
+
+  // ---- the CTA's rows: n0 + step * m, m in [0, BN) -------------------------------------
+  // Row n of W starts at byte 2 n K from its base: with K % 8 == 0 every row sits at the same
+  // offset from a 16-byte boundary, so a CTA takes BN consecutive rows. Otherwise rows n and
+  // n + 8 share that offset (16 K bytes apart) and no two of n .. n + 7 need to: a CTA then
+  // takes every 8th row (the 8 CTAs of a group of 8 BN rows, one per residue), so all of its
+  // rows start `head` elements before a boundary and W keeps its 16-byte loads (KChunks).
+  const int64_t step = d.row_step;
+  const int64_t n0 = step == 1 ? static_cast<int64_t>(blockIdx.x) * BN
+                               : static_cast<int64_t>(blockIdx.x / 8) * 8 * BN + blockIdx.x % 8;
+  if (n0 >= N) return;  // row_step 8 and N small: no row of this residue (CTA-uniform exit)
+  const int64_t rows = (N - 1 - n0) / step + 1 < BN ? (N - 1 - n0) / step + 1 : BN;  // valid rows, >= 1
 
   // ---- base: this warp's share of K for the CTA's BN rows and all tokens --------------
   const scalar_t* W = static_cast<const scalar_t*>(d.weight);
@@ -79,14 +97,14 @@ __global__ void __launch_bounds__(kDecodeThreads) milora_decode_fused_kernel(con
   for (int i = 0; i < RT; ++i)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int64_t n = n0 + 16 * i + g + 8 * h;
-      a_rows[i][h] = W + (n < N ? n : N - 1) * K;  // rows past N: a valid row, result dropped
+      const int64_t m = 16 * i + g + 8 * h;
+      a_rows[i][h] = W + (n0 + step * (m < rows ? m : rows - 1)) * K;  // rows past N: a valid row of this CTA, result dropped
     }
   const scalar_t* b_rows[NT];
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
     const int64_t t = 8 * j + g;
-    b_rows[j] = X + (t < T ? t : T - 1) * K;  // tokens past T: a valid row, result dropped
+    b_rows[j] = X + (t < T ? t : T - 1) * a.ldx;  // tokens past T: a valid row, result dropped
   }
   float acc[RT][NT][4];
 #pragma unroll
@@ -96,9 +114,13 @@ __global__ void __launch_bounds__(kDecodeThreads) milora_decode_fused_kernel(con
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.f;
 
-  const int64_t chunks = (K + 31) / 32;
-  const int64_t c_begin = chunks * warp / kDecodeWarps, c_end = chunks * (warp + 1) / kDecodeWarps;
-  WarpGemm<scalar_t, RT, NT, true>::run(a_rows, b_rows, c_begin, c_end, K, d.vec_w, d.vec_x, q, acc);
+  // W rows: 16-byte loads from their first 16-byte boundary on (k = head), scalar before it
+  // and after the last whole 16 bytes; x rows (16-byte aligned, padded to a multiple of 8
+  // elements by the packing) are read at the same k, shifted by head within 16 bytes.
+  const int head = head_elems(W + n0 * K);
+  const KChunks kc = k_chunks(K, head);
+  const int64_t c_begin = kc.count * warp / kDecodeWarps, c_end = kc.count * (warp + 1) / kDecodeWarps;
+  WarpGemm<scalar_t, RT, NT, true, true>::run(a_rows, b_rows, c_begin, c_end, kc, K, true, true, head, q, acc);
 
   // ---- U and the routes come from the shrink kernel ------------------------------------
   pdl_wait();
@@ -123,8 +145,8 @@ __global__ void __launch_bounds__(kDecodeThreads) milora_decode_fused_kernel(con
     const int item = tid + i * kDecodeThreads;
     tok[i] = item / BN;
     const int nl = item % BN;
-    row[i] = n0 + nl;
-    ok[i] = tok[i] < T && row[i] < N;
+    row[i] = n0 + step * nl;
+    ok[i] = tok[i] < T && nl < rows;
     v[i] = ok[i] ? buf[nl * LD + tok[i]] : 0.f;
     if (ok[i] && bias != nullptr) v[i] += to_float(bias[row[i]]);
   }
@@ -199,7 +221,9 @@ cudaError_t launch_one(const DecodeArgs& d, bool pdl, cudaStream_t stream) {
   static std::atomic<int> pdl_cache[kMaxDevices] = {};  // one per kernel instantiation
   auto* kernel = milora_decode_fused_kernel<scalar_t, NT, RT>;
   pdl = pdl && kernel_waits_for_pdl(kernel, pdl_cache);
-  const unsigned blocks = static_cast<unsigned>(ceil_div<int64_t>(d.l.N, 16 * RT));
+  const int64_t rows_per_cta = 16 * RT;
+  const unsigned blocks = static_cast<unsigned>(
+      d.row_step == 1 ? ceil_div<int64_t>(d.l.N, rows_per_cta) : 8 * ceil_div<int64_t>(d.l.N, 8 * rows_per_cta));
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(blocks);
   cfg.blockDim = dim3(kDecodeThreads);
@@ -231,13 +255,14 @@ cudaError_t launch_typed(const DecodeArgs& d, int row_tiles, bool pdl, cudaStrea
 cudaError_t launch_decode_fused(const LoraArgs& a, const void* weight, const void* bias, void* y, int row_tiles,
                                 bool pdl, cudaStream_t stream) {
   if (a.T < 1 || a.T > kDecodeMaxTokens || a.dtype == DType::kFloat32) return cudaErrorInvalidValue;
+  // x: rows 16-byte aligned and padded to a multiple of 8 elements (lora_args.h packs it so).
+  if (!host_aligned(a.x, 16) || a.ldx % 8 != 0 || a.ldx < a.K || !host_aligned(weight, 2)) return cudaErrorInvalidValue;
   DecodeArgs d;
   d.l = a;
   d.weight = weight;
   d.bias = bias;
   d.y = y;
-  d.vec_w = a.K % 8 == 0 && host_aligned(weight, 16);
-  d.vec_x = a.K % 8 == 0 && host_aligned(a.x, 16);
+  d.row_step = a.K % 8 == 0 ? 1 : 8;
   d.vec_b = a.R % 8 == 0 && host_aligned(a.lora_b, 16);
   if (a.dtype == DType::kFloat16) return launch_typed<__half>(d, row_tiles, pdl, stream);
   return launch_typed<__nv_bfloat16>(d, row_tiles, pdl, stream);

@@ -52,6 +52,33 @@ inline void check_aligned(const void* p, size_t bytes) {
   }
 }
 
+// Load accounting, for tests that check which load width a kernel uses on an operand: the
+// bytes read by vector / __ldg loads (not plain dereferences) inside a few watched address
+// ranges, by access width. The driver (tests/cuda_emulation/emu_ext.cpp) watches the op's
+// operands for each run.
+struct LoadStats {
+  static constexpr int kRanges = 4;
+  static constexpr int kWidths = 5;  // 1, 2, 4, 8, 16 bytes
+  const char* begin[kRanges] = {};
+  const char* end[kRanges] = {};
+  uint64_t bytes[kRanges][kWidths] = {};
+};
+inline LoadStats load_stats;
+
+// Starts counting loads inside [p, p + bytes) as range `slot` (and clears its counts).
+inline void watch(int slot, const void* p, size_t bytes) {
+  load_stats.begin[slot] = static_cast<const char*>(p);
+  load_stats.end[slot] = static_cast<const char*>(p) + bytes;
+  for (uint64_t& b : load_stats.bytes[slot]) b = 0;
+}
+
+inline void note_load(const void* p, size_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  const int w = bytes == 16 ? 4 : bytes == 8 ? 3 : bytes == 4 ? 2 : bytes == 2 ? 1 : 0;
+  for (int i = 0; i < LoadStats::kRanges; ++i)
+    if (c >= load_stats.begin[i] && c < load_stats.end[i]) load_stats.bytes[i][w] += bytes;
+}
+
 // A reusable barrier whose party count shrinks when a thread exits early.
 class Barrier {
  public:
@@ -251,6 +278,7 @@ inline void __syncthreads() { milora::emu::tls_cta->bar.wait(); }
 template <typename V>
 inline V __ldg(const V* p) {
   milora::emu::check_aligned(p, alignof(V));
+  milora::emu::note_load(p, sizeof(V));
   return *p;
 }
 template <typename V>
@@ -266,6 +294,11 @@ inline bool __any_sync(unsigned, bool pred) { return milora::emu::ballot(pred) !
 inline int __ffs(int v) { return __builtin_ffs(v); }
 inline int __ffs(unsigned v) { return __builtin_ffs(static_cast<int>(v)); }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline float __uint_as_float(unsigned v) {
+  float f;
+  std::memcpy(&f, &v, sizeof f);
+  return f;
+}
 inline int __clz(int v) { return v == 0 ? 32 : __builtin_clz(static_cast<unsigned>(v)); }
 
 // cudaLaunchKernelEx (the runtime's C++ template) runs the kernel in the emulator; launch

@@ -40,13 +40,15 @@ struct IndexArgs {
 //                 and gates[s, e] != 0 (the expand kernels read nothing else).
 struct LoraArgs {
   DType dtype;
-  const void* x;       // [T, K] contiguous
+  const void* x;       // [T, K], row stride ldx; 16-byte aligned rows (see ldx)
   const void* lora_a;  // [P, E, R, K] contiguous
   const void* lora_b;  // [P, E, N, R] contiguous
   const float* gates;  // [S, E] contiguous float32
   int32_t* routes;     // [T, 2] workspace
   float* U;            // [T, E, R] workspace (16-byte aligned)
   int64_t T, K, N, E, R;
+  int64_t ldx;         // row stride of x in elements: K, or K rounded up to 16 bytes' worth
+                       // (the packing pads x so that every row is 16-byte aligned)
   IndexArgs idx;
 };
 

@@ -16,7 +16,8 @@ namespace milora::cuda {
 // LoraArgs plus the tensors it points into (contiguous copies where the inputs were not,
 // and the workspace), which must outlive the launches.
 struct PackedLora {
-  at::Tensor x;        // [T, K] contiguous, 16-byte aligned
+  at::Tensor x;        // [T, K] contiguous, for cuBLAS
+  at::Tensor x_rows;   // [T, ldx] what the kernels read: 16-byte aligned rows (x itself when it has them)
   at::Tensor weight;   // [N, K] contiguous
   at::Tensor bias;     // [N] contiguous, or undefined
   at::Tensor lora_a;   // [P, E, R, K] contiguous
@@ -41,10 +42,24 @@ inline PackedLora pack_lora_args(
     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& seq_offsets, const at::Tensor& adapter_ids,
     const at::Tensor& gates, std::optional<float> workspace_fill = std::nullopt) {
   PackedLora pk;
-  pk.x = x.reshape({sh.T, sh.K}).contiguous();
-  // x is small next to the weight: a view at an odd offset is copied into a fresh (aligned)
-  // buffer so every kernel keeps its 16-byte loads for x (and for W beside it).
-  if (reinterpret_cast<uintptr_t>(pk.x.data_ptr()) % 16 != 0) pk.x = pk.x.clone();
+  // x is small next to the weight: when its rows are not all 16-byte aligned (a view at an
+  // odd offset, or K * element size not a multiple of 16) it is copied into a fresh buffer
+  // whose rows are padded to a multiple of 16 bytes, so every kernel keeps its 16-byte loads
+  // for x (and the decode kernel reads x at any k of W with aligned loads, warp_gemm.cuh).
+  // The padding is never used as data: it holds workspace_fill (NaN in the emulator) or garbage.
+  const at::Tensor x2 = x.reshape({sh.T, sh.K}).contiguous();
+  const int64_t vec = 16 / static_cast<int64_t>(x2.element_size());  // elements per 16 bytes
+  const int64_t ldx = (sh.K + vec - 1) / vec * vec;
+  if (ldx == sh.K && reinterpret_cast<uintptr_t>(x2.data_ptr()) % 16 == 0) {
+    pk.x_rows = x2;
+  } else {
+    pk.x_rows = workspace_fill.has_value() ? at::full({sh.T, ldx}, *workspace_fill, x2.options())
+                                           : at::empty({sh.T, ldx}, x2.options());
+    pk.x_rows.narrow(1, 0, sh.K).copy_(x2);
+  }
+  // cuBLAS gets the unpadded x (a row-strided view of x_rows would do for cuBLAS, but ATen's
+  // CPU bfloat16 linear, which the emulator's driver uses, reads the padding of such a view).
+  pk.x = x2;
   pk.weight = weight.contiguous();
   pk.bias = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   pk.lora_a = lora_a.contiguous();
@@ -60,7 +75,8 @@ inline PackedLora pack_lora_args(
 
   LoraArgs& a = pk.args;
   a.dtype = to_dtype(x.scalar_type());
-  a.x = pk.x.data_ptr();
+  a.x = pk.x_rows.data_ptr();
+  a.ldx = ldx;
   a.lora_a = pk.lora_a.data_ptr();
   a.lora_b = pk.lora_b.data_ptr();
   a.gates = pk.gates.data_ptr<float>();

@@ -31,8 +31,7 @@ __device__ __forceinline__ int nth_set_bit(uint32_t mask, int n) {
 }
 
 template <typename scalar_t, int NB>
-__global__ void __launch_bounds__(kShrinkTcThreads) milora_shrink_tc_kernel(const LoraArgs a, bool vec_x,
-                                                                          bool vec_a) {
+__global__ void __launch_bounds__(kShrinkTcThreads) milora_shrink_tc_kernel(const LoraArgs a, bool vec_a) {
   constexpr int MT = 2;
   constexpr int kCols = 8 * NB;  // (expert, rank) columns per pass over K
   constexpr int LD = kCols + 1;
@@ -70,10 +69,10 @@ __global__ void __launch_bounds__(kShrinkTcThreads) milora_shrink_tc_kernel(cons
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t t = t0 + 16 * i + g + 8 * h;
-      a_rows[i][h] = X + (t < T ? t : T - 1) * K;  // tokens past T: a valid row, result dropped
+      a_rows[i][h] = X + (t < T ? t : T - 1) * a.ldx;  // tokens past T: a valid row, result dropped
     }
-  const int64_t chunks = (K + 31) / 32;
-  const int64_t c_begin = chunks * warp / kShrinkTcWarps, c_end = chunks * (warp + 1) / kShrinkTcWarps;
+  const KChunks kc = k_chunks(K, 0);  // x rows are 16-byte aligned: chunks from k = 0
+  const int64_t c_begin = kc.count * warp / kShrinkTcWarps, c_end = kc.count * (warp + 1) / kShrinkTcWarps;
 
   while (pending != 0) {  // CTA-uniform: every thread derives the same passes from smem
     const int32_t p = routes[__ffs(pending) - 1].p;
@@ -104,7 +103,7 @@ __global__ void __launch_bounds__(kShrinkTcThreads) milora_shrink_tc_kernel(cons
         for (int j = 0; j < NB; ++j)
 #pragma unroll
           for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.f;
-      WarpGemm<scalar_t, MT, NB, false>::run(a_rows, b_rows, c_begin, c_end, K, vec_x, vec_a, q, acc);
+      WarpGemm<scalar_t, MT, NB, false>::run(a_rows, b_rows, c_begin, c_end, kc, K, true, vec_a, 0, q, acc);
       cta_reduce<MT, NB, kShrinkTcWarps>(acc, buf, warp, lane);  // ends with __syncthreads()
       for (int idx = tid; idx < kShrinkTcTokens * kCols; idx += kShrinkTcThreads) {
         const int row = idx / kCols, c = idx % kCols, col = cb + c;
@@ -120,11 +119,15 @@ __global__ void __launch_bounds__(kShrinkTcThreads) milora_shrink_tc_kernel(cons
 
 template <typename scalar_t, int NB>
 cudaError_t launch_one(const LoraArgs& a, cudaStream_t stream) {
-  const bool vec_x = a.K % 8 == 0 && host_aligned(a.x, 16);
+  // x (the stream here, T x K): rows 16-byte aligned and padded (lora_args.h), so 16-byte
+  // loads for every K. lora_a (small, L2-resident, reused by every token block) is read with
+  // scalar loads when its rows are not 16-byte aligned: the n8 operand's 8 rows would need
+  // 8 different shifts, and the aligned words around a row's ends may lie outside the tensor.
+  if (!host_aligned(a.x, 16) || a.ldx % 8 != 0 || a.ldx < a.K) return cudaErrorInvalidValue;
   const bool vec_a = a.K % 8 == 0 && host_aligned(a.lora_a, 16);
   const unsigned blocks = static_cast<unsigned>(ceil_div<int64_t>(a.T, kShrinkTcTokens));
   auto* kernel = milora_shrink_tc_kernel<scalar_t, NB>;
-  MILORA_LAUNCH_KERNEL(kernel, dim3(blocks), dim3(kShrinkTcThreads), stream, a, vec_x, vec_a);
+  MILORA_LAUNCH_KERNEL(kernel, dim3(blocks), dim3(kShrinkTcThreads), stream, a, vec_a);
   return cudaSuccess;  // launch errors: C10_CUDA_KERNEL_LAUNCH_CHECK in the caller
 }
 

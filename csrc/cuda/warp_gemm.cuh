@@ -8,11 +8,18 @@
 // elements (rows g and g+8; k slots 2q, 2q+1, 2q+8, 2q+9) and the B elements (column g;
 // the same k slots). A dot product does not care which physical k sits in which slot as
 // long as A and B agree, so over a chunk of 32 physical k (two k16 steps) lane q takes the
-// 8 contiguous elements k0 + 8q .. k0 + 8q + 7 of each of its rows:
+// 8 contiguous elements kc + 8q .. kc + 8q + 7 of each of its rows (kc: the chunk's first k):
 //     elements 0,1 -> step 0 slots 2q,2q+1    elements 2,3 -> step 0 slots 2q+8,2q+9
 //     elements 4,5 -> step 1 slots 2q,2q+1    elements 6,7 -> step 1 slots 2q+8,2q+9
 // which is one 16-byte load per row and chunk, and a bijection between the 32 physical k
 // and the 2 x 16 slots, the same for A and B (it depends on q only).
+//
+// Alignment. The 16-byte loads need every A row + kc + 8q on a 16-byte boundary. When the A
+// rows are a weight whose rows start off the boundary (K % 8 != 0, or a view at an odd
+// offset), the caller gives the warp rows that all start at the same offset from it and the
+// chunks start at their first boundary (KChunks below): A keeps its 16-byte loads in every
+// chunk but the two at the row ends, and B (x, small, its rows padded to 16 bytes) is read at
+// the same k with two aligned loads and a shift.
 //
 // Accumulator layout (mma C fragment): acc[i][j][c] is C[16 i + g + 8 (c >> 1)][8 j + 2 q + (c & 1)].
 #pragma once
@@ -21,12 +28,34 @@
 
 namespace milora::cuda {
 
+// The k range [0, K) of a row as chunks of 32: chunk c holds k0 + 32 c .. k0 + 32 c + 31.
+// k0 = head - 32 when the rows start `head` (1..7) elements before a 16-byte boundary, so that
+// lane q's 8 elements k0 + 32 c + 8 q .. + 7 are 16-byte aligned in every row (chunk 0 then
+// holds the head, with k < 0 counting as zero); k0 = 0 otherwise. Chunks [fast_begin,
+// fast_end) lie inside [0, K) entirely and need no bounds checks.
+struct KChunks {
+  int64_t k0, count, fast_begin, fast_end;
+};
+
+__host__ __device__ __forceinline__ KChunks k_chunks(int64_t K, int head) {
+  KChunks c;
+  c.k0 = head > 0 ? head - 32 : 0;
+  c.count = (K - c.k0 + 31) / 32;
+  c.fast_begin = c.k0 < 0 ? 1 : 0;
+  const int64_t whole = (K - c.k0) / 32;  // chunks that end at or before K
+  c.fast_end = whole > c.fast_begin ? whole : c.fast_begin;
+  return c;
+}
+
 // MT m16 tiles (A rows) x NB n8 tiles (B rows). kStreamA: A is read once (a weight streamed
-// from HBM) and bypasses L1.
-template <typename T, int MT, int NB, bool kStreamA>
+// from HBM) and bypasses L1. kShiftB: B may sit off the 16-byte grid of A (see run).
+template <typename T, int MT, int NB, bool kStreamA, bool kShiftB = false>
 struct WarpGemm {
-  static constexpr int kLoads = 2 * MT + NB;               // 16-byte loads per lane per chunk
-  static constexpr int kUnroll = kLoads <= 4 ? 4 : 2;      // chunks in flight per lane
+  // Chunks in flight per lane: 4 while a lane has few 16-byte loads per chunk, fewer when
+  // they (and their registers) grow; a shifted B costs two loads per row.
+  __host__ __device__ static constexpr int unroll(bool shifted) {
+    return 2 * MT + NB * (shifted ? 2 : 1) <= 4 ? 4 : (2 * MT + NB * (shifted ? 2 : 1) <= 12 ? 2 : 1);
+  }
 
   __device__ static __forceinline__ void mma_chunk(const uint4 (&a)[MT][2], const uint4 (&b)[NB],
                                                    float (&acc)[MT][NB][4]) {
@@ -41,47 +70,87 @@ struct WarpGemm {
     }
   }
 
-  // Chunks [c_begin, c_end) of 32 k each. a_rows[i][h]: this lane's A row 16 i + g + 8 h;
-  // b_rows[j]: its B row 8 j + g (callers clamp rows past the end to a valid row and drop
-  // those results). vec_a / vec_b: all A / B rows 16-byte aligned and K % 8 == 0. Each
-  // operand keeps its 16-byte loads when only the other one is misaligned (a weight stream
-  // must not fall back to 2-byte loads because of a small operand).
-  __device__ static __forceinline__ void run(const T* const (&a_rows)[MT][2], const T* const (&b_rows)[NB],
-                                             int64_t c_begin, int64_t c_end, int64_t K, bool vec_a, bool vec_b,
-                                             int q, float (&acc)[MT][NB][4]) {
-    const int64_t full = vec_a && vec_b ? K / 32 : 0;  // chunks that need no bounds checks
-    const int64_t fast_end = c_end < full ? c_end : full;
-    int64_t c = c_begin;
-    for (; c + kUnroll <= fast_end; c += kUnroll) {
-      uint4 a[kUnroll][MT][2];
-      uint4 b[kUnroll][NB];
+  // U chunks from c, all inside [0, K): every load a full 16 bytes (two for a shifted B).
+  template <int U, bool kShifted>
+  __device__ static __forceinline__ void fast_chunks(const T* const (&a_rows)[MT][2], const T* const (&b_rows)[NB],
+                                                     int64_t c, int64_t k0, int b_shift, int q,
+                                                     float (&acc)[MT][NB][4]) {
+    uint4 a[U][MT][2];
+    uint4 b[U][NB];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t k = (c + u) * 32 + 8 * q;
-#pragma unroll
-        for (int i = 0; i < MT; ++i) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) a[u][i][h] = kStreamA ? ldg16_stream(a_rows[i][h] + k) : ldg16(a_rows[i][h] + k);
-        }
-#pragma unroll
-        for (int j = 0; j < NB; ++j) b[u][j] = ldg16(b_rows[j] + k);
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) mma_chunk(a[u], b[u], acc);
-    }
-    for (; c < c_end; ++c) {  // the rest: fewer than kUnroll fast chunks, or checked ones
-      const int64_t k = c * 32 + 8 * q;
-      uint4 a[MT][2];
-      uint4 b[NB];
+    for (int u = 0; u < U; ++u) {
+      const int64_t k = k0 + (c + u) * 32 + 8 * q;
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) a[i][h] = load8<T, kStreamA>(a_rows[i][h], k, K, vec_a);
+        for (int h = 0; h < 2; ++h) a[u][i][h] = kStreamA ? ldg16_stream(a_rows[i][h] + k) : ldg16(a_rows[i][h] + k);
       }
 #pragma unroll
-      for (int j = 0; j < NB; ++j) b[j] = load8<T>(b_rows[j], k, K, vec_b);
-      mma_chunk(a, b, acc);
+      for (int j = 0; j < NB; ++j) b[u][j] = kShifted ? ldg16_at(b_rows[j] + k, b_shift) : ldg16(b_rows[j] + k);
     }
+#pragma unroll
+    for (int u = 0; u < U; ++u) mma_chunk(a[u], b[u], acc);
+  }
+
+  // Chunks [begin, end) of the fast range, kUnroll at a time, then one at a time.
+  template <bool kShifted>
+  __device__ static __forceinline__ void fast_range(const T* const (&a_rows)[MT][2], const T* const (&b_rows)[NB],
+                                                    int64_t begin, int64_t end, int64_t k0, int b_shift, int q,
+                                                    float (&acc)[MT][NB][4]) {
+    constexpr int kUnroll = unroll(kShifted);
+    int64_t c = begin;
+    for (; c + kUnroll <= end; c += kUnroll) fast_chunks<kUnroll, kShifted>(a_rows, b_rows, c, k0, b_shift, q, acc);
+    for (; c < end; ++c) fast_chunks<1, kShifted>(a_rows, b_rows, c, k0, b_shift, q, acc);
+  }
+
+  // A chunk that may reach outside [0, K): elements there are zero, loads bounds-checked.
+  __device__ static __forceinline__ void checked_chunk(const T* const (&a_rows)[MT][2], const T* const (&b_rows)[NB],
+                                                      int64_t c, int64_t k0, int64_t K, bool vec_a, bool vec_b,
+                                                      int q, float (&acc)[MT][NB][4]) {
+    const int64_t k = k0 + c * 32 + 8 * q;
+    uint4 a[MT][2];
+    uint4 b[NB];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) a[i][h] = load8<T, kStreamA>(a_rows[i][h], k, K, vec_a);
+    }
+#pragma unroll
+    for (int j = 0; j < NB; ++j) b[j] = load8<T>(b_rows[j], k, K, vec_b);
+    mma_chunk(a, b, acc);
+  }
+
+  // Chunks [c_begin, c_end) of kc (k_chunks). a_rows[i][h]: this lane's A row 16 i + g + 8 h;
+  // b_rows[j]: its B row 8 j + g (callers clamp rows past the end to a valid row and drop
+  // those results).
+  //   vec_a: every A row + k0 + 32 c + 8 q is 16-byte aligned (for k >= 0);
+  //   vec_b, b_shift = 0: the same holds for B;
+  //   vec_b, b_shift = m > 0 (kShiftB only): B rows + k0 + 32 c + 8 q lie m elements past a
+  //     16-byte boundary (x read at the k of weight rows that start off the boundary) and B
+  //     rows are padded to a multiple of 8 elements: two aligned loads and a shift;
+  //   !vec_b: B is read with scalar loads.
+  // Each operand keeps its 16-byte loads when only the other one is misaligned (a weight
+  // stream must not fall back to 2-byte loads because of a small operand); a shifted B is
+  // read element-wise only in the chunks that reach outside [0, K).
+  __device__ static __forceinline__ void run(const T* const (&a_rows)[MT][2], const T* const (&b_rows)[NB],
+                                             int64_t c_begin, int64_t c_end, const KChunks& kc, int64_t K,
+                                             bool vec_a, bool vec_b, int b_shift, int q, float (&acc)[MT][NB][4]) {
+    const bool fast = vec_a && vec_b;
+    const int64_t fb = fast ? kc.fast_begin : c_end, fe = fast ? kc.fast_end : c_end;
+    const int64_t mid_begin = c_begin > fb ? c_begin : fb;  // [mid_begin, mid_end): this warp's fast chunks
+    const int64_t mid_end = c_end < fe ? c_end : fe;
+    const bool vec_b_checked = vec_b && b_shift == 0;
+    int64_t c = c_begin;
+    for (; c < c_end && c < mid_begin; ++c) checked_chunk(a_rows, b_rows, c, kc.k0, K, vec_a, vec_b_checked, q, acc);
+    if (mid_begin < mid_end) {
+      if (kShiftB && b_shift != 0) {
+        fast_range<kShiftB>(a_rows, b_rows, mid_begin, mid_end, kc.k0, b_shift, q, acc);
+      } else {
+        fast_range<false>(a_rows, b_rows, mid_begin, mid_end, kc.k0, 0, q, acc);
+      }
+      c = mid_end;
+    }
+    for (; c < c_end; ++c) checked_chunk(a_rows, b_rows, c, kc.k0, K, vec_a, vec_b_checked, q, acc);
   }
 };
 

@@ -3,7 +3,10 @@
 `load()` compiles them once (torch.utils.cpp_extension, cached under build/cuda_emulation)
 and returns a module whose `run(x, weight, bias, lora_a, lora_b, seq_offsets, adapter_ids,
 gates, path)` computes gated_lora_linear on CPU tensors through the real kernels, path one
-of "auto", "fp32", "decode", "preinit", "rmw".
+of "auto", "fp32", "decode", "decode_rt1", "preinit", "rmw"; `load_stats()` then gives, per
+operand ("weight", "lora_a", "lora_b", "x": the buffers the kernels read), the bytes its
+vector / __ldg loads read by access width ({16: ..., 8: ..., 4: ..., 2: ..., 1: ...}; plain
+dereferences are not counted).
 
 Out-of-bounds accesses of the kernels: MILORA_EMULATION_SANITIZE=address builds the
 emulator with AddressSanitizer (build/cuda_emulation_asan); run python with
@@ -23,6 +26,7 @@ SOURCES = [
     "emu_expand_simt.cpp",
     "emu_prefill_shrink.cpp",
     "emu_prefill_expand.cpp",
+    "emu_load_stats.cpp",
 ]
 
 

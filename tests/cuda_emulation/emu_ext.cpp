@@ -3,10 +3,10 @@
 // run(...) mirrors the path logic of csrc/cuda/gated_lora_linear_cuda.cpp on CPU tensors,
 // with cuBLAS replaced by ATen's CPU linear / addmm_. It validates with the op's own checks
 // (csrc/checks.cpp), packs the kernels' arguments with the dispatcher's own code
-// (csrc/cuda/lora_args.h: contiguous copies, a misaligned x copied to an aligned buffer) and
+// (csrc/cuda/lora_args.h: contiguous copies, x copied to aligned, padded rows when needed) and
 // calls the real kernel launchers (compiled with -DMILORA_CUDA_EMULATION). The workspace and
-// y are filled with NaN first, so a kernel that reads U it did not define, or leaves an output
-// element unwritten, shows.
+// y (and x's row padding) are filled with NaN first, so a kernel that reads U it did not
+// define or the padding as data, or leaves an output element unwritten, shows.
 #include <torch/extension.h>
 
 #include <limits>
@@ -18,7 +18,30 @@
 
 namespace mc = milora::cuda;
 
+namespace milora::emu {  // emu_load_stats.cpp
+void watch_range(int slot, const void* p, size_t bytes);
+uint64_t loaded_bytes(int slot, int width_index);
+}  // namespace milora::emu
+
 namespace {
+
+// The operands whose loads the emulator counts, in its watch slots.
+const char* const kWatched[] = {"weight", "lora_a", "lora_b", "x"};
+
+void watch(int slot, const at::Tensor& t) {
+  milora::emu::watch_range(slot, t.data_ptr(), static_cast<size_t>(t.numel()) * t.element_size());
+}
+
+// Bytes read by vector / __ldg loads of each width from each watched operand, in the last run.
+py::dict load_stats() {
+  py::dict out;
+  for (int slot = 0; slot < 4; ++slot) {
+    py::dict by_width;
+    for (int w = 0; w < 5; ++w) by_width[py::int_(1 << w)] = milora::emu::loaded_bytes(slot, w);
+    out[kWatched[slot]] = by_width;
+  }
+  return out;
+}
 
 void ok(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "emulated launch of ", what, " failed with error ", static_cast<int>(err));
@@ -41,6 +64,10 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& weight, const c10::optiona
   const at::Tensor& w = pk.weight;  // [N, K]
   const void* bias_ptr = pk.bias_ptr;
   cudaStream_t stream = nullptr;
+  watch(0, w);
+  watch(1, pk.lora_a);
+  watch(2, pk.lora_b);
+  watch(3, pk.x_rows);
 
   std::string p = path;
   if (p == "auto") p = dt == at::kFloat ? "fp32" : (T <= mc::kDecodeMaxTokens ? "decode" : "preinit");
@@ -74,4 +101,6 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& weight, const c10::optiona
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("run", &run, "gated_lora_linear through the CPU-emulated CUDA kernels (path: auto, fp32, decode, "
                      "decode_rt1, preinit, rmw)");
+  m.def("load_stats", &load_stats, "bytes read by vector / __ldg loads of each width from weight, lora_a, "
+                                   "lora_b and x (the kernels' buffer) in the last run");
 }
