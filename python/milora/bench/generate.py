@@ -41,7 +41,7 @@ from .memory import peak_during, tensor_bytes
 from .models import PRESETS as MODEL_PRESETS
 from .models import build_model
 from .progress import Progress
-from .timing import noise_note, paired_ratio, paired_ratio_spread, time_interleaved
+from .timing import load_average, noise_note, paired_ratio, paired_ratio_spread, time_interleaved
 
 METHODS = ("base", "lora", "peft", "peft_single", "moelora", "milora_ref", "milora")
 LABELS = {
@@ -504,7 +504,7 @@ def run(s: GenSettings, device, dtype: torch.dtype, *, progress: Optional[bool] 
                         median_ms=tm.median_ms, min_ms=tm.min_ms, max_ms=tm.max_ms, repeats=reps,
                         tokens_per_s=tokens / (tm.median_ms / 1e3),
                         ratio_to_base=paired_ratio(tm, base) if base is not None else None,
-                        ratio_q1=q1, ratio_q3=q3,
+                        ratio_q1=q1, ratio_q3=q3, load_avg=load_average(),
                         speed_vs_base=1 / paired_ratio(tm, base) if base is not None else None,
                         speed_vs_moelora=1 / paired_ratio(tm, moe) if moe is not None else None,
                         # e2e byte floor: decode time / base time >= (base + adapter bytes) / base bytes

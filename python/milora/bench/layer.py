@@ -17,7 +17,7 @@ from milora_ext.workloads import adapter_mix, make_problem
 
 from .methods import LABELS, METHODS, build_methods, check_methods, reference_output
 from .progress import Progress
-from .timing import noise_note, paired_ratio, paired_ratio_spread, time_interleaved
+from .timing import load_average, noise_note, paired_ratio, paired_ratio_spread, time_interleaved
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def run(sw: LayerSweep, device, *, l2_flush: bool = False, progress: Optional[bo
                     rank=c.rank, experts=c.experts, active_experts=c.active or c.experts,
                     median_ms=tm.median_ms, min_ms=tm.min_ms, max_ms=tm.max_ms, repeats=reps,
                     ratio_to_base=paired_ratio(tm, base) if base is not None else None,
-                    ratio_q1=q1, ratio_q3=q3,
+                    ratio_q1=q1, ratio_q3=q3, load_avg=load_average(),
                     floor_ratio=m.floor_ratio if c.phase == "decode" else None,
                     checked=True,
                 )

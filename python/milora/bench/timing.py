@@ -132,17 +132,32 @@ def paired_ratio_spread(a: Timing, b: Timing) -> Tuple[float, float]:
     return q[0], q[2]
 
 
-# Quartile spread of paired ratios above which a missed target is reported as a busy machine.
+# Quartile spread of paired ratios above which a missed target's verdict is called uncertain.
 NOISY_SPREAD = 0.10
 
 
+def load_average() -> Optional[float]:
+    """The 1-minute load average (None where the OS has none): with the rounds' spread, what
+    tells a busy machine from an op whose time varies on its own."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def noise_note(rec: Dict) -> str:
-    """'' or one line saying the rounds disagreed too much for the verdict to be trusted."""
+    """'' or one line saying the rounds disagreed too much for the verdict to be trusted, and
+    whether the machine was busy (1-minute load average above its core count) or not."""
     lo, hi = rec.get("ratio_q1"), rec.get("ratio_q3")
     if lo is None or hi is None or not hi - lo > NOISY_SPREAD:
         return ""
-    return (f"  why: the machine was busy: per-round paired ratios spread {lo:.2f}-{hi:.2f} (quartiles) "
-            f"over {rec.get('repeats')} rounds; rerun on an idle machine (more --repeats)")
+    spread = f"per-round paired ratios spread {lo:.2f}-{hi:.2f} (quartiles) over {rec.get('repeats')} rounds"
+    load, cores = rec.get("load_avg"), os.cpu_count() or 1
+    if load is not None and load <= cores:
+        return (f"  why: uncertain: {spread} on an idle machine (load average {load:.1f} on {cores} cores); "
+                f"rerun with more --repeats")
+    busy = f"load average {load:.1f} on {cores} cores, " if load is not None else ""
+    return f"  why: the machine was busy ({busy}{spread}); rerun on an idle machine (more --repeats)"
 
 
 def environment(device: torch.device, dtype: Optional[torch.dtype] = None) -> Dict[str, object]:
