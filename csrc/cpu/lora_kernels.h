@@ -275,9 +275,9 @@ void expand_list_dot(const ExpandJob<bf16_t, float>& j) {
 constexpr int kListTokens = 4;  // tokens per register tile
 
 template <int MT>
-void expand_list_tile(const uint32_t* panel, int64_t nexp, int64_t R2, int64_t ld, const uint32_t* uh,
+void expand_list_tile(const uint32_t* panel, int64_t nexp, int64_t R2, int64_t ld, int64_t us, const uint32_t* uh,
                       const uint32_t* ul, bf16_t* const* y_rows, int64_t cols) {
-  // uh / ul: [MT][nexp * R2] pairs of the tile's tokens
+  // uh / ul: [MT][nexp][us] pairs of the tile's tokens
   for (int64_t c = 0; c < cols; c += 32) {
     __m512 acc[MT][2];
     for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
@@ -287,7 +287,7 @@ void expand_list_tile(const uint32_t* panel, int64_t nexp, int64_t R2, int64_t l
         const __m512bh b0 = (__m512bh)_mm512_loadu_si512(pq + r2 * ld);
         const __m512bh b1 = (__m512bh)_mm512_loadu_si512(pq + r2 * ld + 16);
         for (int i = 0; i < MT; ++i) {
-          const int64_t w = i * nexp * R2 + q * R2 + r2;
+          const int64_t w = (i * nexp + q) * us + r2;
           const __m512bh h = (__m512bh)_mm512_set1_epi32(static_cast<int>(uh[w]));
           const __m512bh l = (__m512bh)_mm512_set1_epi32(static_cast<int>(ul[w]));
           acc[i][0] = _mm512_dpbf16_ps(acc[i][0], b0, h);
@@ -305,27 +305,34 @@ void expand_list_tile(const uint32_t* panel, int64_t nexp, int64_t R2, int64_t l
   }
 }
 
-inline uint32_t bf16_bits(float f) {
-  return static_cast<uint16_t>(_mm_cvtsi128_si32((__m128i)_mm_cvtneps_pbh(_mm_set_ss(f))));
-}
-
 inline void expand_list_packed(const ExpandJob<bf16_t, float>& j) {
   const int64_t E = j.E, R = j.R, Rpad = j.Rpad, N = j.N, R2 = (R + 1) / 2, nexp = j.nexperts;
   const int64_t cols = j.n1 - j.n0, ld = round_up64(cols, 32);
+  const int64_t us = Rpad / 2;                                // pairs per token and expert in uh / ul
   uint32_t* panel = reinterpret_cast<uint32_t*>(j.scratch);  // [nexp][R2][ld]
-  uint32_t* uh = panel + nexp * R2 * ld;                      // [kListTokens][nexp * R2]
-  uint32_t* ul = uh + kListTokens * nexp * R2;
+  uint32_t* uh = panel + nexp * R2 * ld;                      // [kListTokens][nexp][us]
+  uint32_t* ul = uh + kListTokens * nexp * us;
   for (int64_t q = 0; q < nexp; ++q) {
     const uint16_t* b_rows = reinterpret_cast<const uint16_t*>(j.b + (j.experts[q] * N + j.n0) * R);
     uint32_t* pq = panel + q * R2 * ld;
-    for (int64_t c = 0; c < cols; ++c)
+    int64_t c = 0;
+    if (R % 2 == 0) {
+      // An even R's pairs are whole 32-bit words of B: gather 16 columns' word r2 at once.
+      const int* words = reinterpret_cast<const int*>(b_rows);
+      const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(static_cast<int>(R2)));
+      for (; c + 16 <= cols; c += 16)
+        for (int64_t r2 = 0; r2 < R2; ++r2)
+          _mm512_storeu_si512(pq + r2 * ld + c, _mm512_i32gather_epi32(idx, words + c * R2 + r2, 4));
+    }
+    for (; c < cols; ++c)
       for (int64_t r2 = 0; r2 < R2; ++r2) {
         const uint32_t lo16 = b_rows[c * R + 2 * r2];
         const uint32_t hi16 = 2 * r2 + 1 < R ? b_rows[c * R + 2 * r2 + 1] : 0u;
         pq[r2 * ld + c] = lo16 | (hi16 << 16);
       }
     for (int64_t r2 = 0; r2 < R2; ++r2)
-      for (int64_t c = cols; c < ld; ++c) pq[r2 * ld + c] = 0u;
+      for (int64_t cc = cols; cc < ld; ++cc) pq[r2 * ld + cc] = 0u;
   }
   for (int64_t i0 = 0; i0 < j.ntokens; i0 += kListTokens) {
     const int mt = static_cast<int>(min64(kListTokens, j.ntokens - i0));
@@ -333,30 +340,26 @@ inline void expand_list_packed(const ExpandJob<bf16_t, float>& j) {
     for (int i = 0; i < mt; ++i) {
       const int64_t t = j.tokens[i0 + i];
       y_rows[i] = j.y + t * N + j.n0;
+      // U rows (float32, pad lanes 0 up to Rpad) -> bfloat16 hi and lo; adjacent bfloat16 are
+      // the (u[2 r2], u[2 r2 + 1]) pairs as 32-bit words.
       for (int64_t q = 0; q < nexp; ++q) {
         const float* u = j.u + (t * E + j.experts[q]) * Rpad;
-        for (int64_t r2 = 0; r2 < R2; ++r2) {
-          uint32_t h = 0, l = 0;
-          for (int half = 0; half < 2; ++half) {
-            const int64_t r = 2 * r2 + half;
-            const float v = r < R ? u[r] : 0.0f;
-            const uint32_t hb = bf16_bits(v);
-            float hf;
-            const uint32_t hw = hb << 16;
-            std::memcpy(&hf, &hw, 4);
-            h |= hb << (16 * half);
-            l |= bf16_bits(v - hf) << (16 * half);
-          }
-          uh[i * nexp * R2 + q * R2 + r2] = h;
-          ul[i * nexp * R2 + q * R2 + r2] = l;
+        uint32_t* h = uh + (i * nexp + q) * us;
+        uint32_t* l = ul + (i * nexp + q) * us;
+        for (int64_t r = 0; r < Rpad; r += 16) {
+          const __m512 v = _mm512_loadu_ps(u + r);
+          const __m256bh hv = _mm512_cvtneps_pbh(v);
+          const __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)hv), 16));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(h + r / 2), (__m256i)hv);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(l + r / 2), (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, hf)));
         }
       }
     }
     switch (mt) {
-      case 1: expand_list_tile<1>(panel, nexp, R2, ld, uh, ul, y_rows, cols); break;
-      case 2: expand_list_tile<2>(panel, nexp, R2, ld, uh, ul, y_rows, cols); break;
-      case 3: expand_list_tile<3>(panel, nexp, R2, ld, uh, ul, y_rows, cols); break;
-      default: expand_list_tile<4>(panel, nexp, R2, ld, uh, ul, y_rows, cols); break;
+      case 1: expand_list_tile<1>(panel, nexp, R2, ld, us, uh, ul, y_rows, cols); break;
+      case 2: expand_list_tile<2>(panel, nexp, R2, ld, us, uh, ul, y_rows, cols); break;
+      case 3: expand_list_tile<3>(panel, nexp, R2, ld, us, uh, ul, y_rows, cols); break;
+      default: expand_list_tile<4>(panel, nexp, R2, ld, us, uh, ul, y_rows, cols); break;
     }
   }
 }
