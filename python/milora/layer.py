@@ -44,13 +44,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from milora_ext import gated_lora_linear
+import milora_ext  # noqa: F401  (loads the op library)
 
 from .router import keep_float32, select_top_k, switch_load_balance_loss, switch_load_balance_losses
-from .routing import current_call
+from .routing import _CALL
 from .slots import SlotStacks
 
 ADAPTER_KINDS = ("prompt", "token", "static")
+
+# The op itself (the OpOverload), not milora_ext's Python wrapper: the layer always hands it
+# tensors of the right kinds, the C++ kernel validates CPU index values itself, and the layer
+# never asked the wrapper for the host-side CUDA index check (check_indices=False), so the
+# wrapper only added a Python frame and the overload resolution per call. Autograd and autocast
+# are registered in C++, so training goes through the same object. A module-level name so that
+# benchmarks / tests can swap it (milora.bench.generate.reference_op, tests' OpSpy).
+gated_lora_linear = torch.ops.milora_ext.gated_lora_linear.default
 
 # Per-token routing with several adapters in the batch: gather each token's router rows when
 # T * E * K is at most this (decode steps), else score all slots and keep the token's own.
@@ -168,6 +176,9 @@ class MiLoRALinear(SlotStacks, nn.Module):
         self.layer_idx = -1
         self.module_idx = -1
         self._cache: Dict = {}
+        # what a routed inference forward hands the op, kept while the prompt's gates and the
+        # stacks stay the same objects (see _forward_routed)
+        self._routed_args: Optional[tuple] = None
 
     def _apply(self, fn, *args, **kwargs):
         # the per-token router and the scaling stay float32 (dtype conversions of the model only
@@ -178,6 +189,7 @@ class MiLoRALinear(SlotStacks, nn.Module):
         f32 = {id(t) for x in keep32 if x is not None for t in (x, getattr(x, "grad", None)) if t is not None}
         out = super()._apply(lambda t: keep(t) if id(t) in f32 else fn(t), *args, **kwargs)
         self._cache = {}
+        self._routed_args = None
         self._after_apply()
         return out
 
@@ -322,6 +334,7 @@ class MiLoRALinear(SlotStacks, nn.Module):
         if self.active_adapter is None:
             self.active_adapter = name
         self._cache = {}
+        self._routed_args = None
         self._rebind_slots()
         return len(self.slots) - 1
 
@@ -350,6 +363,7 @@ class MiLoRALinear(SlotStacks, nn.Module):
         if self.active_adapter == name:
             self.active_adapter = self.slots[0].name if self.slots else None
         self._cache = {}
+        self._routed_args = None
         self._rebind_slots(removed=p)
 
     def set_adapter(self, name: Optional[str]) -> None:
@@ -358,6 +372,7 @@ class MiLoRALinear(SlotStacks, nn.Module):
             self._slot(name)
         self.active_adapter = name
         self._cache = {}
+        self._routed_args = None
 
     def set_trainable(self, trainable: bool, dtype: Optional[torch.dtype] = None) -> None:
         """Standalone use: make the active adapter trainable (its own Parameters, in `dtype`,
@@ -419,10 +434,10 @@ class MiLoRALinear(SlotStacks, nn.Module):
         if self.lora_dropout > 0.0 and self.training:
             xd = F.dropout(x, self.lora_dropout, training=True)
             y = gated_lora_linear(xd, self.weight, self.bias, self._stacked("lora_a"), self._stacked("lora_b"),
-                                  seq_offsets, adapter_ids, gates, check_indices=False)
+                                  seq_offsets, adapter_ids, gates)
             return y + F.linear(x - xd, self.weight)
         return gated_lora_linear(x, self.weight, self.bias, self._stacked("lora_a"), self._stacked("lora_b"),
-                                 seq_offsets, adapter_ids, gates, check_indices=False)
+                                 seq_offsets, adapter_ids, gates)
 
     def token_gates(self, x2: Tensor, token_slots: Tensor, top_k=None, hard=None, k_max=None, single_slot=None):
         """Per-token MoE-LoRA gates [T, E] (scaling included) and router probabilities [T, E].
@@ -460,12 +475,29 @@ class MiLoRALinear(SlotStacks, nn.Module):
         return gates * self.scaling.index_select(0, token_slots).unsqueeze(-1), probs
 
     def forward(self, input: Tensor) -> Tensor:
-        ctx = current_call()
+        ctx = _CALL.get()  # milora.routing.current_call(), without its frame
         if ctx is not None and ctx.owner is self._routing_owner:  # a call of the model that placed this linear
             plan = ctx.plan
             if plan is None:
                 raise RuntimeError(f"MiLoRALinear (layer {self.layer_idx}): called during a MiLoRAModel call but outside "
                                    "its decoder stack's forward; there is no batch plan to read")
+            # Decode steps: the arguments kept by the last routed forward, while they are still
+            # the ones this forward would read (same prompt gates, index tensors and stacks, no
+            # autograd, no dropout, not traced; the stacks brought up to date first). Checked by
+            # identity: a new prompt, batch, adapter set, .to() or loaded stack misses.
+            args = None if torch.compiler.is_compiling() else self._routed_args  # never traced, never guarded on
+            if (args is not None and args[0] is plan.gates and args[1] is plan.seq_offsets
+                    and args[2] is plan.adapter_ids and not torch.is_grad_enabled()
+                    and not (self.training and self.lora_dropout > 0.0)):
+                params, bufs = self._parameters, self._buffers
+                if (params.get("weight") is args[4] and params.get("bias") is args[5]
+                        and bufs.get("lora_a") is args[6] and bufs.get("lora_b") is args[7]):
+                    if self._entries and not (ctx.synced and not self._sync_deferred):
+                        self.sync_slots()  # in place: the stacks stay the same objects
+                    gates = args[3]
+                    if gates is None:  # no row has an active expert here (PromptGates.unused)
+                        return F.linear(input, args[4], args[5])
+                    return gated_lora_linear(input, args[4], args[5], args[6], args[7], args[1], args[2], gates)
             return self._forward_routed(input, plan, ctx)
         return self._forward_standalone(input)
 
@@ -477,7 +509,13 @@ class MiLoRALinear(SlotStacks, nn.Module):
             row_gates = plan.for_linear(self.layer_idx, self.module_idx)  # raises the explanation
         tp = plan.token
         if tp is None:
-            if plan.gates.skips(self.layer_idx, self.module_idx) and not row_gates.requires_grad:
+            skip = plan.gates.skips(self.layer_idx, self.module_idx) and not row_gates.requires_grad
+            if not (torch.is_grad_enabled() or torch.compiler.is_compiling() or (self.training and self.lora_dropout > 0.0)):
+                # kept for the next forward of this prompt (forward's fast path); without
+                # autograd the op reads the stacks themselves (see _stacked)
+                self._routed_args = (plan.gates, plan.seq_offsets, plan.adapter_ids, None if skip else row_gates,
+                                     self.weight, self.bias, self.lora_a, self.lora_b)
+            if skip:
                 return F.linear(x, self.weight, self.bias)
             return self._op(x, plan.seq_offsets, plan.adapter_ids, row_gates)
         # per-token routing: one sequence per token

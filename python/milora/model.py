@@ -541,7 +541,8 @@ class MiLoRAModel(ContinuousBatchingMixin, nn.Module):
         token = req.token_plan(B, L)
         if _cache_length(cache) > 0:  # a continuation: the gates of the cache's own prompt
             gates = self._cached_gates(cache, rows)
-            return BatchPlan(offs, rows.slots, req.all_base, gates, False, rows, None, token)
+            offs, ids = gates.step_indices(offs, rows.slots, L)
+            return BatchPlan(offs, ids, req.all_base, gates, False, rows, None, token)
         if req.route_once and ctx.call_gates is not None:  # generate(use_cache=False): routed at step 1
             if ctx.call_gates.slots != rows.key:
                 raise RuntimeError(f"MiLoRA: the batch changed from {ctx.call_gates.batch_size} to {B} rows during one "

@@ -188,7 +188,7 @@ class PromptGates:
     included) or None (module not adapted). Filled by the model while the prompt's forward runs
     (one layer at a time), then only read."""
 
-    __slots__ = ("owner", "version", "slots", "per_layer", "prompt_len", "unused")
+    __slots__ = ("owner", "version", "slots", "per_layer", "prompt_len", "unused", "_step_indices")
 
     def __init__(self, owner: object, version: int, slots: Tuple[int, ...], num_layers: int, num_modules: int,
                  prompt_len: int) -> None:
@@ -201,7 +201,19 @@ class PromptGates:
         # an inference forward; None = not known). Such a linear is the base layer alone on every
         # later step, so it skips the op (with top-3 of 7 and few adapters, most of them do).
         self.unused: List[Optional[List[bool]]] = [None] * num_layers
+        self._step_indices: Dict[Tuple[int, torch.device], Tuple[Tensor, Tensor]] = {}
 
+    def step_indices(self, seq_offsets: Tensor, adapter_ids: Tensor, seq_len: int) -> Tuple[Tensor, Tensor]:
+        """The index tensors of a continuation of this prompt with seq_len tokens per row: the
+        first ones given are kept and returned for every later continuation (their values depend
+        only on the rows, which a continuation must keep, and on seq_len), so every decode step
+        of this prompt hands the linears the same objects, also across calls (manual decoding,
+        one request per step), and a linear can keep what it derived from them."""
+        key = (seq_len, seq_offsets.device)
+        kept = self._step_indices.get(key)
+        if kept is None:
+            kept = self._step_indices[key] = (seq_offsets, adapter_ids)
+        return kept
     def skips(self, layer: int, module: int) -> bool:
         """Whether linear (layer, module) has no active expert in any row (known, not guessed)."""
         flags = self.unused[layer]

@@ -201,8 +201,10 @@ class SlotStacks:
         # (a per-linear sync costs tens of microseconds per decode step and linear).
         if not torch.compiler.is_compiling() and not _synced_by_call(self):
             self.sync_slots()
+        if not torch.is_grad_enabled():  # no autograd: the (synced) stack itself
+            return buf
         params = [self.trainable[e.key] for e in entries]
-        if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        if not any(p.requires_grad for p in params):
             return buf
         # out of place: the op sees the Parameters' current values, gradients reach them only
         if len(entries) == 1 and buf.shape[0] == 1 and tuple(params[0].shape) == tuple(buf.shape[1:]):
