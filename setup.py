@@ -73,8 +73,20 @@ def _want_cuda():
     return possible
 
 
+def _openmp_flags():
+    """-fopenmp where torch itself runs on OpenMP (Linux wheels: GNU libgomp). ATen's
+    at::parallel_for is a header template: compiled without _OPENMP it runs every work item
+    on the calling thread, so the CPU kernel's phases would never use a second core. At run
+    time the libgomp that libtorch_cpu already loaded serves the extension too (same soname,
+    one thread pool, sized by torch.set_num_threads)."""
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        return ["-fopenmp"]
+    print("milora: torch has no OpenMP here; the CPU kernel's work items run on one thread", file=sys.stderr)
+    return []
+
+
 def _cxx_flags():
-    flags = ["-O3", "-fvisibility=hidden"]
+    flags = ["-O3", "-fvisibility=hidden"] + _openmp_flags()
     arch = os.environ.get("MILORA_CPU_ARCH", "none").strip()
     if arch and arch != "none":
         flags.append(f"-march={arch}")
@@ -96,9 +108,9 @@ def _extension():
         extra["cxx"].append("-DMILORA_WITH_CUDA")
         extra["nvcc"] = ["-O3", "-DMILORA_WITH_CUDA", "--expt-relaxed-constexpr", "-lineinfo"]
         return CUDAExtension("milora_ext._C", sources, include_dirs=include_dirs,
-                             extra_compile_args=extra, py_limited_api=True)
+                             extra_compile_args=extra, extra_link_args=_openmp_flags(), py_limited_api=True)
     return CppExtension("milora_ext._C", sources, include_dirs=include_dirs,
-                        extra_compile_args=extra, py_limited_api=True)
+                        extra_compile_args=extra, extra_link_args=_openmp_flags(), py_limited_api=True)
 
 
 setup(

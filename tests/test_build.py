@@ -18,3 +18,13 @@ def test_cuda_kernels_compiled_in_when_requested():
     # CI builds with MILORA_CUDA=1: the CUDA kernels must be in the library even on a machine
     # without a GPU, so a CUDA compile problem cannot pass unnoticed.
     assert milora_ext.has_cuda_kernels()
+
+
+@pytest.mark.skipif(not (os.sys.platform.startswith("linux") and torch.backends.openmp.is_available()),
+                    reason="torch runs on OpenMP only in its Linux builds")
+def test_cpu_kernel_is_built_with_openmp():
+    # at::parallel_for is a header template: without -fopenmp it runs every work item on the
+    # calling thread and the CPU kernel never uses a second core (setup.py, _openmp_flags).
+    so = milora_ext._C.__file__
+    with open(so, "rb") as f:
+        assert b"GOMP_parallel" in f.read(), f"{so} does not call into OpenMP: built without -fopenmp"

@@ -147,13 +147,14 @@ def load_average() -> Optional[float]:
 
 def noise_note(rec: Dict) -> str:
     """'' or one line saying the rounds disagreed too much for the verdict to be trusted, and
-    whether the machine was busy (1-minute load average above its core count) or not."""
+    whether the machine was busy (1-minute load average above its core count + 0.5: the bench
+    itself keeps up to one thread per core running) or not."""
     lo, hi = rec.get("ratio_q1"), rec.get("ratio_q3")
     if lo is None or hi is None or not hi - lo > NOISY_SPREAD:
         return ""
     spread = f"per-round paired ratios spread {lo:.2f}-{hi:.2f} (quartiles) over {rec.get('repeats')} rounds"
     load, cores = rec.get("load_avg"), os.cpu_count() or 1
-    if load is not None and load <= cores:
+    if load is not None and load <= cores + 0.5:  # the bench's own threads count too
         return (f"  why: uncertain: {spread} on an idle machine (load average {load:.1f} on {cores} cores); "
                 f"rerun with more --repeats")
     busy = f"load average {load:.1f} on {cores} cores, " if load is not None else ""
