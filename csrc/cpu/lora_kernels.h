@@ -154,6 +154,8 @@ void expand_dot(const ExpandJob<S, A>& j) {
         for (int c = 0; c < V::size; ++c) acc[c] = V::zero();
         for (int64_t q = 0; q < na; ++q) {
           const S* b_rows = j.b + (experts[q] * N + n) * R;
+          const char* ahead = reinterpret_cast<const char*>(b_rows) + kPrefetchAhead;  // as in the dot tiles
+          for (int64_t off = 0; off < static_cast<int64_t>(V::size * R * sizeof(S)); off += 64) __builtin_prefetch(ahead + off, 0, 3);
           const A* u = j.u + (t * E + experts[q]) * Rpad;
           for (int64_t r = 0; r < Rpad; r += V::size) {
             const V uv = V::load(u + r);
@@ -229,6 +231,9 @@ void expand_list_dot(const ExpandJob<bf16_t, float>& j) {
       for (int v = 0; v < NACC; ++v) acc[v] = _mm512_setzero_ps();
       for (int64_t q = 0; q < na; ++q) {
         const bf16_t* rows = b_of[q] + n * R;
+        // This block's rows are 16 R contiguous values; ask for the block kPrefetchAhead bytes on.
+        const char* ahead = reinterpret_cast<const char*>(rows) + kPrefetchAhead;
+        for (int64_t off = 0; off < 16 * R * 2; off += 64) __builtin_prefetch(ahead + off, 0, 3);
         for (int64_t z = 0; z < nz; ++z) {
           const __m512bh h = hi[q * nz + z], l = lo[q * nz + z];
           for (int v = 0; v < NACC; ++v) {

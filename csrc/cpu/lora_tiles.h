@@ -9,6 +9,11 @@
 //                MR tokens x (NVEC * lanes) outputs in registers, broadcasting one scalar per
 //                token per step: GEMM-like throughput for adapters with many tokens (prefill).
 
+// Dot tiles stream A rows from memory (decode: the adapter is cold, each row read once): each
+// step also asks for the row's line kPrefetchAhead bytes on, so a row's misses overlap instead
+// of waiting for the hardware prefetcher to notice a short stream. Prefetches never fault.
+constexpr int64_t kPrefetchAhead = 1024;
+
 // out[i * out_stride + j] = dot(x_rows[i], a_rows[j]) over K, for TM tokens x TJ rank rows.
 template <int TM, int TJ, typename scalar_t, typename acc_t>
 void dot_tile(const scalar_t* const* x_rows, const scalar_t* const* a_rows, int64_t K, acc_t* out, int64_t out_stride) {
@@ -20,6 +25,7 @@ void dot_tile(const scalar_t* const* x_rows, const scalar_t* const* a_rows, int6
   for (; k + V::size <= K; k += V::size) {
     V xv[TM];
     for (int i = 0; i < TM; ++i) xv[i] = V::load(x_rows[i] + k);
+    for (int j = 0; j < TJ; ++j) __builtin_prefetch(reinterpret_cast<const char*>(a_rows[j] + k) + kPrefetchAhead, 0, 3);
     for (int j = 0; j < TJ; ++j) {
       const V av = V::load(a_rows[j] + k);
       for (int i = 0; i < TM; ++i) acc[i][j] = fma(xv[i], av, acc[i][j]);
@@ -50,6 +56,7 @@ void dot_tile(const bf16_t* const* x_rows, const bf16_t* const* a_rows, int64_t 
   for (; k + 32 <= K; k += 32) {
     __m512bh xv[TM];
     for (int i = 0; i < TM; ++i) xv[i] = (__m512bh)_mm512_loadu_si512(x_rows[i] + k);
+    for (int j = 0; j < TJ; ++j) __builtin_prefetch(reinterpret_cast<const char*>(a_rows[j] + k) + kPrefetchAhead, 0, 3);
     for (int j = 0; j < TJ; ++j) {
       const __m512bh av = (__m512bh)_mm512_loadu_si512(a_rows[j] + k);
       for (int i = 0; i < TM; ++i) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv[i], av);
