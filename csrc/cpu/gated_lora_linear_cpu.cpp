@@ -243,7 +243,7 @@ int64_t expand_chunk_cols(int64_t units, int64_t N) {
   return std::max(kMinExpandCols, round_up(ceil_div(N * units, threads), kMinExpandCols));
 }
 
-// The expand by token list, where the level has a list kernel (bfloat16 on AVX-512-BF16).
+// The expand by token list (every dtype but float64): one work item per (list, column chunk).
 template <typename S, typename A>
 void lora_expand_lists(const LoraOperands<S, A>& op, const std::vector<TokenList>& lists, const LoraKernels<S, A>& kern) {
   RECORD_FUNCTION("milora::lora_expand_cpu", std::vector<c10::IValue>());
@@ -280,7 +280,8 @@ void lora_expand_lists(const LoraOperands<S, A>& op, const std::vector<TokenList
   });
 }
 
-// y[t, :] += sum over the active experts e of t's sequence of B[p, e] @ U[t, e, :].
+// y[t, :] += sum over the active experts e of t's sequence of B[p, e] @ U[t, e, :], by adapter
+// (float64).
 template <typename S, typename A>
 void lora_expand(const LoraOperands<S, A>& op, const LoraPlan& plan, const ActiveExperts<A>& act,
                  const LoraKernels<S, A>& kern) {

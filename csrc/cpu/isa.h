@@ -70,9 +70,10 @@ struct ExpandJob {
 };
 
 // Scratch (in accumulation-type elements) an expand_list item needs.
-// (the pair-packed B chunk, plus the U pairs of 4 tokens, rows padded to a multiple of 32 values)
+// (float32 panels of the B^T chunk, R rows of the chunk rounded up to 32 columns, per expert;
+// this also holds the bfloat16 pair-packed chunk plus the U pairs of 4 tokens)
 static constexpr int64_t expand_list_scratch(int64_t nexperts, int64_t R, int64_t cols) {
-  return nexperts * ((R + 1) / 2) * ((cols + 31) / 32 * 32) + 2 * 4 * nexperts * ((R + 31) / 32 * 16);
+  return nexperts * (R + 1) * ((cols + 31) / 32 * 32) + 2 * 4 * nexperts * ((R + 31) / 32 * 16);
 }
 
 template <typename S, typename A>

@@ -138,36 +138,85 @@ void expand_packed(const ExpandJob<S, A>& j) {
   }
 }
 
+// y[t, n0:n1] += sum over experts[0 .. na) of B[e] @ U[t, e] for one token (dot tiles: B rows
+// read as stored, one lane-reduction per V::size columns).
 template <typename S, typename A>
-void expand_dot(const ExpandJob<S, A>& j) {
+void expand_dot_token(const ExpandJob<S, A>& j, int64_t t, const int64_t* experts, int64_t na) {
   using V = Vec<A>;
   const int64_t E = j.E, R = j.R, Rpad = j.Rpad, N = j.N;
+  S* yrow = j.y + t * N;
+  for (int64_t n = j.n0; n < j.n1; n += V::size) {
+    const int nv = static_cast<int>(min64(V::size, j.n1 - n));
+    V acc[V::size];
+    for (int c = 0; c < V::size; ++c) acc[c] = V::zero();
+    for (int64_t q = 0; q < na; ++q) {
+      const S* b_rows = j.b + (experts[q] * N + n) * R;
+      const char* ahead = reinterpret_cast<const char*>(b_rows) + kPrefetchAhead;  // as in the dot tiles
+      for (int64_t off = 0; off < static_cast<int64_t>(V::size * R * sizeof(S)); off += 64) __builtin_prefetch(ahead + off, 0, 3);
+      const A* u = j.u + (t * E + experts[q]) * Rpad;
+      for (int64_t r = 0; r < Rpad; r += V::size) {
+        const V uv = V::load(u + r);
+        const int rem = static_cast<int>(min64(V::size, R - r));
+        if (rem == V::size) {
+          for (int c = 0; c < nv; ++c) acc[c] = fma(V::load(b_rows + c * R + r), uv, acc[c]);
+        } else {
+          for (int c = 0; c < nv; ++c) acc[c] = fma(V::load(b_rows + c * R + r, rem), uv, acc[c]);
+        }
+      }
+    }
+    V::transpose_sum(acc).add_to(yrow + n, nv);
+  }
+}
+
+template <typename S, typename A>
+void expand_dot(const ExpandJob<S, A>& j) {
   for (int64_t si = 0; si < j.nseqs; ++si) {
     const int64_t s = j.seqs[si];
-    const int64_t* experts = j.seq_experts + s * E;
-    const int64_t na = j.seq_nexp[s];
-    for (int64_t t = j.offsets[s]; t < j.offsets[s + 1]; ++t) {
-      S* yrow = j.y + t * N;
-      for (int64_t n = j.n0; n < j.n1; n += V::size) {
-        const int nv = static_cast<int>(min64(V::size, j.n1 - n));
-        V acc[V::size];
-        for (int c = 0; c < V::size; ++c) acc[c] = V::zero();
-        for (int64_t q = 0; q < na; ++q) {
-          const S* b_rows = j.b + (experts[q] * N + n) * R;
-          const char* ahead = reinterpret_cast<const char*>(b_rows) + kPrefetchAhead;  // as in the dot tiles
-          for (int64_t off = 0; off < static_cast<int64_t>(V::size * R * sizeof(S)); off += 64) __builtin_prefetch(ahead + off, 0, 3);
-          const A* u = j.u + (t * E + experts[q]) * Rpad;
-          for (int64_t r = 0; r < Rpad; r += V::size) {
-            const V uv = V::load(u + r);
-            const int rem = static_cast<int>(min64(V::size, R - r));
-            if (rem == V::size) {
-              for (int c = 0; c < nv; ++c) acc[c] = fma(V::load(b_rows + c * R + r), uv, acc[c]);
-            } else {
-              for (int c = 0; c < nv; ++c) acc[c] = fma(V::load(b_rows + c * R + r, rem), uv, acc[c]);
-            }
-          }
-        }
-        V::transpose_sum(acc).add_to(yrow + n, nv);
+    for (int64_t t = j.offsets[s]; t < j.offsets[s + 1]; ++t) expand_dot_token(j, t, j.seq_experts + s * j.E, j.seq_nexp[s]);
+  }
+}
+
+// The expand of one token list (tokens of one adapter sharing one set of active experts) with
+// the float32 tiles: a token or two through the dot tiles; more through B^T of the chunk packed
+// once to float32 panels and register tiles of up to kPackedRows tokens across the list's
+// sequences (decode batches that share an adapter have one token per sequence).
+template <typename S, typename A>
+void expand_list_f32(const ExpandJob<S, A>& j) {
+  using V = Vec<A>;
+  const int64_t E = j.E, R = j.R, Rpad = j.Rpad, N = j.N, nexp = j.nexperts;
+  if (j.ntokens <= 2 || E > 64) {
+    for (int64_t i = 0; i < j.ntokens; ++i) expand_dot_token(j, j.tokens[i], j.experts, nexp);
+    return;
+  }
+  const int64_t cols = j.n1 - j.n0, ld = round_up64(cols, 2 * V::size);
+  const A* panel_of[64];  // by expert index e (< E <= 64); only the list's experts are set
+  const A* at_col[64];
+  for (int64_t q = 0; q < nexp; ++q) {
+    const int64_t e = j.experts[q];
+    A* panel = j.scratch + q * R * ld;
+    const S* b_rows = j.b + (e * N + j.n0) * R;
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t c = 0; c < cols; ++c) panel[r * ld + c] = widen(b_rows[c * R + r]);
+      for (int64_t c = cols; c < ld; ++c) panel[r * ld + c] = A(0);
+    }
+    panel_of[e] = panel;
+  }
+  for (int64_t i0 = 0; i0 < j.ntokens; i0 += kPackedRows) {
+    const int mr = static_cast<int>(min64(kPackedRows, j.ntokens - i0));
+    const A* u_rows[kPackedRows];
+    S* y_rows[kPackedRows];
+    for (int64_t c = 0; c < cols; c += 2 * V::size) {
+      const int n_valid = static_cast<int>(min64(2 * V::size, cols - c));
+      for (int64_t q = 0; q < nexp; ++q) at_col[j.experts[q]] = panel_of[j.experts[q]] + c;
+      for (int q = 0; q < mr; ++q) {
+        const int64_t t = j.tokens[i0 + q];
+        u_rows[q] = j.u + t * E * Rpad;
+        y_rows[q] = j.y + t * N + j.n0 + c;
+      }
+      if (n_valid > V::size) {
+        packed_expand_any<2>(mr, u_rows, j.experts, nexp, at_col, ld, R, Rpad, y_rows, n_valid);
+      } else {
+        packed_expand_any<1>(mr, u_rows, j.experts, nexp, at_col, ld, R, Rpad, y_rows, n_valid);
       }
     }
   }
@@ -384,9 +433,14 @@ inline void expand_list_bf16(const ExpandJob<bf16_t, float>& j) {
 }
 #endif
 
-// The level's list expand: bfloat16 at level 3 only.
+// The level's list expand: the float32 tiles for float32 accumulation (float64, the reference
+// dtype, keeps the per-adapter phases), vdpbf16ps for bfloat16 at level 3.
 template <typename S, typename A>
 constexpr void (*expand_list_of())(const ExpandJob<S, A>&) {
+  return &expand_list_f32<S, A>;
+}
+template <>
+constexpr void (*expand_list_of<double, double>())(const ExpandJob<double, double>&) {
   return nullptr;
 }
 #if MILORA_ISA_LEVEL >= 3
