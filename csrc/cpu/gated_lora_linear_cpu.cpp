@@ -29,7 +29,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <map>
 #include <type_traits>
 #include <vector>
 
@@ -54,6 +53,7 @@ constexpr int64_t kExpandCols = 256;      // output columns per expand work item
 constexpr int64_t kMinExpandCols = 32;    // ...and at least
 
 constexpr int64_t kParallelMinMacs = 1 << 16;  // below this a phase runs on the calling thread
+constexpr size_t kKeptScratch = size_t(1) << 20;  // scratch (elements) kept per thread between calls
 
 int64_t round_up(int64_t v, int64_t m) {
   return (v + m - 1) / m * m;
@@ -102,12 +102,16 @@ template <typename A>
 std::vector<TokenList> token_lists(const LoraPlan& plan, const ActiveExperts<A>& act, int64_t E) {
   std::vector<TokenList> lists;
   for (const auto& grp : plan.groups) {
-    std::map<std::vector<int64_t>, size_t> by_set;
+    const size_t first = lists.size();  // this adapter's lists: few (one per distinct expert set)
     for (int64_t s : grp.seqs) {
-      std::vector<int64_t> experts(act.experts.begin() + s * E, act.experts.begin() + s * E + act.nexp[s]);
-      auto [it, fresh] = by_set.emplace(experts, lists.size());
-      if (fresh) lists.push_back(TokenList{grp.adapter, std::move(experts), {}, {}});
-      TokenList& l = lists[it->second];
+      const int64_t* set = act.experts.data() + s * E;
+      const int64_t n = act.nexp[s];
+      size_t li = first;
+      while (li < lists.size() &&
+             !(static_cast<int64_t>(lists[li].experts.size()) == n && std::equal(set, set + n, lists[li].experts.begin())))
+        ++li;
+      if (li == lists.size()) lists.push_back(TokenList{grp.adapter, std::vector<int64_t>(set, set + n), {}, {}});
+      TokenList& l = lists[li];
       for (int64_t t = plan.seq_begin(s); t < plan.seq_end(s); ++t) {
         l.tokens.push_back(t);
         l.seqs.push_back(s);
@@ -256,7 +260,7 @@ void lora_expand_lists(const LoraOperands<S, A>& op, const std::vector<TokenList
     for (int64_t n0 = 0; n0 < N; n0 += cols) items.emplace_back(l, n0);
   }
   for_items(static_cast<int64_t>(items.size()), macs, [&](int64_t begin, int64_t end) {
-    std::vector<A> scratch;
+    thread_local std::vector<A> scratch;  // kept per pool thread: no allocation per decode step
     for (int64_t w = begin; w < end; ++w) {
       const TokenList& l = lists[items[w].first];
       ExpandJob<S, A> job{};
@@ -273,8 +277,11 @@ void lora_expand_lists(const LoraOperands<S, A>& op, const std::vector<TokenList
       job.ntokens = static_cast<int64_t>(l.tokens.size());
       job.experts = l.experts.data();
       job.nexperts = static_cast<int64_t>(l.experts.size());
-      scratch.resize(expand_list_scratch(job.nexperts, op.R, job.n1 - job.n0));
-      job.scratch = scratch.data();
+      const size_t need = static_cast<size_t>(expand_list_scratch(job.nexperts, op.R, job.n1 - job.n0));
+      std::vector<A> own;  // an unusually large item gets its own, freed on return
+      std::vector<A>& buf = need <= kKeptScratch ? scratch : own;
+      if (buf.size() < need) buf.resize(need);
+      job.scratch = buf.data();
       kern.expand_list(job);
     }
   });
@@ -347,6 +354,10 @@ void lora_expand(const LoraOperands<S, A>& op, const LoraPlan& plan, const Activ
 // are dropped); returns them in batch order.
 std::vector<int64_t> take_long_sequences(LoraPlan& plan) {
   std::vector<int64_t> taken;
+  bool any = false;  // decode batches have none: leave their plan untouched (no copies)
+  for (const auto& grp : plan.groups)
+    for (int64_t s : grp.seqs) any = any || plan.seq_end(s) - plan.seq_begin(s) >= kGemmMinTokens;
+  if (!any) return taken;
   std::vector<AdapterGroup> kept;
   for (auto& grp : plan.groups) {
     AdapterGroup rest{grp.adapter, {}};
@@ -457,7 +468,6 @@ void add_gated_lora(
   const int64_t Rpad = round_up(sh.R, std::is_same_v<A, double> ? table.lanes64 : table.lanes32);
   // U scratch [T, E, Rpad]: a buffer kept per calling thread for decode-sized calls (no
   // allocation per step); large prefills get their own, freed on return.
-  constexpr size_t kKeptScratch = size_t(1) << 20;  // elements
   const size_t u_size = static_cast<size_t>(sh.T * sh.E * Rpad);
   thread_local std::vector<A> kept;
   std::vector<A> own;
