@@ -29,6 +29,10 @@ def run(problem):
         pytest.param([100, 37, 64], [2, 0, 1], 3, id="prefill"),
         pytest.param([200, 1, 1, 1, 1, 3], [0, 1, 2, 3, 0, -1], 4, id="skewed-lengths"),
         pytest.param([5, 5], [0, 0], 1, id="one-adapter-shared"),
+        # batch-adjacent sequences of one adapter (and expert set) adding up to 64+ tokens: the
+        # GEMM route with per-sequence gates; a run broken by another adapter and by base rows
+        pytest.param([20, 30, 25, 3, 40, 40, 1, 70], [0, 0, 0, 1, 1, -1, 0, 0], 2, id="gemm-runs"),
+        pytest.param([1] * 70, [0] * 70, 1, id="decode-70-sharing-one-adapter"),
     ],
 )
 def test_batches(dtype, seq_lens, ids, P):

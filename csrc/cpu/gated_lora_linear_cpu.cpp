@@ -16,9 +16,9 @@
 //   expand:   y[t, :] += sum_e B[p,e] @ U[t, e, :] over the experts active for t's sequence,
 //             in column chunks (256, narrower when that leaves threads idle) so a chunk of B
 //             stays in cache for all the adapter's tokens.
-// Sequences of at least kGemmMinTokens tokens (prefill) skip the phases: their LoRA term is two
-// ATen GEMMs over their own rows (add_gated_lora_gemm), the blocked code the base product
-// uses. In the phases, long token lists / adapters go through packed GEMM-like tiles (A^T / B^T
+// Runs of batch-adjacent sequences of one adapter and expert set with at least kGemmMinTokens
+// tokens (prefill) skip the phases: their LoRA term is two ATen GEMMs over their own rows
+// (add_gated_lora_gemm), the blocked code the base product uses. In the phases, long token lists / adapters go through packed GEMM-like tiles (A^T / B^T
 // packed to float32 panels once per work item); the others (decode: a few tokens per adapter)
 // through dot tiles that read A and B straight from memory, which bounds them (for bfloat16
 // on AVX-512-BF16, with vdpbf16ps at the width B is stored).
@@ -39,7 +39,7 @@
 namespace milora::cpu {
 namespace {
 
-constexpr int64_t kGemmMinTokens = 64;    // a sequence this long takes the ATen GEMM route (add_gated_lora_gemm)
+constexpr int64_t kGemmMinTokens = 64;    // a run of sequences this long takes the ATen GEMM route (add_gated_lora_gemm)
 constexpr int64_t kShrinkPackedMinTokens = 64;  // shrink: token lists this long use packed tiles (shorter
                                                 // ones: dot tiles, whose reads of A cost less than packing it)
 constexpr int64_t kPackedMinTokens = 16;  // expand: adapters with this many tokens use packed tiles
@@ -345,83 +345,91 @@ void lora_expand(const LoraOperands<S, A>& op, const LoraPlan& plan, const Activ
   });
 }
 
-// Sequences of at least kGemmMinTokens tokens take their LoRA term through ATen's GEMM
-// (oneDNN: AMX tiles or AVX-512 blocking, the same code as the base product) instead of the
-// hand-written tiles: at prefill sizes the shrink and expand are thin GEMMs whose cost is
-// reading x and updating y once, which a blocked GEMM does at memory speed, while the tiles
-// would first pack A / B.
-// Moves the sequences with at least kGemmMinTokens tokens out of the plan (groups left empty
-// are dropped); returns them in batch order.
-std::vector<int64_t> take_long_sequences(LoraPlan& plan) {
-  std::vector<int64_t> taken;
-  bool any = false;  // decode batches have none: leave their plan untouched (no copies)
-  for (const auto& grp : plan.groups)
-    for (int64_t s : grp.seqs) any = any || plan.seq_end(s) - plan.seq_begin(s) >= kGemmMinTokens;
-  if (!any) return taken;
+// Runs of batch-adjacent sequences of one adapter and one set of active experts with at least
+// kGemmMinTokens tokens (prefill; a chunk of requests sharing an adapter) take their LoRA term
+// through ATen's GEMM (oneDNN: AMX tiles or AVX-512 blocking, the same code as the base
+// product) instead of the hand-written tiles: at these sizes the shrink and expand are thin
+// GEMMs whose cost is one more pass over x and y, which a blocked GEMM does at memory speed.
+struct GemmRun {
+  int64_t s0, s1;   // sequences [s0, s1): rows [offsets[s0], offsets[s1]) of x and y
+  int64_t adapter;
+};
+
+bool same_active_experts(const float* gates, int64_t a, int64_t b, int64_t E) {
+  for (int64_t e = 0; e < E; ++e)
+    if ((gates[a * E + e] != 0.0f) != (gates[b * E + e] != 0.0f)) return false;
+  return true;
+}
+
+// Moves the runs out of the plan (groups left empty are dropped); gates: [S, E] float32.
+std::vector<GemmRun> take_gemm_runs(LoraPlan& plan, const float* gates, int64_t E) {
+  std::vector<GemmRun> runs;
+  for (const auto& grp : plan.groups) {
+    size_t i = 0;
+    while (i < grp.seqs.size()) {
+      size_t j = i + 1;
+      while (j < grp.seqs.size() && grp.seqs[j] == grp.seqs[j - 1] + 1 && same_active_experts(gates, grp.seqs[i], grp.seqs[j], E))
+        ++j;
+      if (plan.seq_begin(grp.seqs[j - 1] + 1) - plan.seq_begin(grp.seqs[i]) >= kGemmMinTokens)
+        runs.push_back(GemmRun{grp.seqs[i], grp.seqs[j - 1] + 1, grp.adapter});
+      i = j;
+    }
+  }
+  if (runs.empty()) return runs;  // decode batches: the plan stays as it is (no copies)
+  std::vector<char> taken(plan.offsets.size(), 0);
+  for (const auto& r : runs)
+    for (int64_t s = r.s0; s < r.s1; ++s) taken[s] = 1;
   std::vector<AdapterGroup> kept;
   for (auto& grp : plan.groups) {
     AdapterGroup rest{grp.adapter, {}};
-    for (int64_t s : grp.seqs) {
-      if (plan.seq_end(s) - plan.seq_begin(s) >= kGemmMinTokens) {
-        taken.push_back(s);
-      } else {
-        rest.seqs.push_back(s);
-      }
-    }
+    for (int64_t s : grp.seqs)
+      if (!taken[s]) rest.seqs.push_back(s);
     if (!rest.seqs.empty()) kept.push_back(std::move(rest));
   }
   plan.groups = std::move(kept);
-  std::sort(taken.begin(), taken.end());
-  return taken;
+  return runs;
 }
 
-// y[t] += sum_e gates[s, e] * B[p, e] @ (A[p, e] @ x[t]) for the tokens t of sequence s, with
-// ATen GEMMs over the sequence's own rows and its active experts only (tenant isolation: no
-// other adapter, and no expert with gate 0, is read). The rank-R intermediate is rounded to
-// x's dtype between the two products, as PyTorch does for the same computation in that dtype.
+// y[t] += sum_e gates[s, e] * B[p, e] @ (A[p, e] @ x[t]) for the tokens t of a run, with ATen
+// GEMMs over the run's own rows and its active experts only (tenant isolation: no other
+// adapter, and no expert with gate 0, is read). The rank-R intermediate is rounded to x's dtype
+// between the two products, as PyTorch does for the same computation in that dtype.
 void add_gated_lora_gemm(
     at::Tensor& y,             // [T, N]
     const at::Tensor& x,       // [T, K]
     const at::Tensor& lora_a,  // [P, E, R, K]
     const at::Tensor& lora_b,  // [P, E, N, R]
-    const at::Tensor& gates,   // [S, E] accumulation dtype, contiguous
+    const float* gates,        // [S, E]
     const LoraPlan& plan,
-    int64_t s,
-    int64_t adapter) {
+    const GemmRun& run) {
   RECORD_FUNCTION("milora::lora_gemm_cpu", std::vector<c10::IValue>());
   const int64_t E = lora_a.size(1), R = lora_a.size(2), K = lora_a.size(3), N = lora_b.size(2);
-  const int64_t t0 = plan.seq_begin(s), len = plan.seq_end(s) - t0;
-  const at::Tensor gate_row = gates[s];  // [E]
+  const int64_t t0 = plan.seq_begin(run.s0), len = plan.seq_begin(run.s1) - t0;
   std::vector<int64_t> experts;
-  std::vector<double> scale;
-  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "gated_lora_gemm_gates", [&] {
-    const scalar_t* g = gate_row.data_ptr<scalar_t>();
-    for (int64_t e = 0; e < E; ++e)
-      if (g[e] != scalar_t(0)) {
-        experts.push_back(e);
-        scale.push_back(static_cast<double>(g[e]));
-      }
-  });
-  if (experts.empty()) return;
+  for (int64_t e = 0; e < E; ++e)
+    if (gates[run.s0 * E + e] != 0.0f) experts.push_back(e);
+  const int64_t k = static_cast<int64_t>(experts.size());
+  // Gate of each row and active expert: [len, k] float32.
+  at::Tensor row_gates = at::empty({len, k}, at::TensorOptions().dtype(at::kFloat));
+  float* rg = row_gates.data_ptr<float>();
+  for (int64_t s = run.s0; s < run.s1; ++s)
+    for (int64_t t = plan.seq_begin(s); t < plan.seq_end(s); ++t)
+      for (int64_t q = 0; q < k; ++q) rg[(t - t0) * k + q] = gates[s * E + experts[q]];
   const at::Tensor xs = x.narrow(0, t0, len);  // [len, K]
   at::Tensor ys = y.narrow(0, t0, len);        // [len, N], whole rows: contiguous
-  const at::Tensor a_p = lora_a[adapter];      // [E, R, K]
-  const at::Tensor b_p = lora_b[adapter];      // [E, N, R]
-  if (experts.size() == 1) {
-    const int64_t e = experts[0];
-    at::Tensor u = at::mm(xs, a_p[e].t());  // [len, R]
-    u.mul_(scale[0]);
-    ys.addmm_(u, b_p[e].t());
-    return;
+  const at::Tensor a_p = lora_a[run.adapter];  // [E, R, K]
+  const at::Tensor b_p = lora_b[run.adapter];  // [E, N, R]
+  at::Tensor a_sel, b_sel;                      // [k R, K], [N, k R]
+  if (k == 1) {
+    a_sel = a_p[experts[0]];
+    b_sel = b_p[experts[0]];
+  } else {
+    const at::Tensor idx = at::tensor(experts, at::TensorOptions().dtype(at::kLong));
+    a_sel = a_p.index_select(0, idx).reshape({k * R, K});
+    b_sel = b_p.index_select(0, idx).permute({1, 0, 2}).reshape({N, k * R});
   }
-  const int64_t k = static_cast<int64_t>(experts.size());
-  const at::Tensor idx = at::tensor(experts, at::TensorOptions().dtype(at::kLong));
-  const at::Tensor a_sel = a_p.index_select(0, idx).reshape({k * R, K});                   // [k R, K]
-  const at::Tensor b_sel = b_p.index_select(0, idx).permute({1, 0, 2}).reshape({N, k * R});  // [N, k R]
-  at::Tensor u = at::mm(xs, a_sel.t());  // [len, k R]
-  const at::Tensor col_scale =
-      at::tensor(scale, at::TensorOptions().dtype(gates.scalar_type())).repeat_interleave(R);  // [k R]
-  u.mul_(col_scale);
+  at::Tensor u = at::mm(xs, a_sel.t());            // [len, k R]
+  u.view({len, k, R}).mul_(row_gates.unsqueeze(-1));
   ys.addmm_(u, b_sel.t());
 }
 
@@ -514,8 +522,8 @@ at::Tensor gated_lora_linear_cpu(
   LoraPlan plan = plan_by_adapter(seq_offsets, adapter_ids, &gates_acc);
   // float64 stays on the tiles: it is the reference dtype, whose LoRA term keeps one rounding.
   if (!plan.groups.empty() && x.scalar_type() != at::kDouble) {
-    const IndexReader ids(adapter_ids);  // [S]
-    for (int64_t s : take_long_sequences(plan)) add_gated_lora_gemm(y, x2, lora_a, lora_b, gates_acc, plan, s, ids[s]);
+    const float* g = gates_acc.data_ptr<float>();  // [S, E] (float32 accumulation)
+    for (const GemmRun& run : take_gemm_runs(plan, g, sh.E)) add_gated_lora_gemm(y, x2, lora_a, lora_b, g, plan, run);
   }
   if (!plan.groups.empty()) {
     const c10::MaybeOwned<at::Tensor> a = lora_a.expect_contiguous();  // [P, E, R, K]

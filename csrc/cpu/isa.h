@@ -71,7 +71,7 @@ struct ExpandJob {
 
 // Scratch (in accumulation-type elements) an expand_list item needs.
 // (float32 panels of the B^T chunk, R rows of the chunk rounded up to 32 columns, per expert;
-// this also holds the bfloat16 pair-packed chunk plus the U pairs of 4 tokens)
+// this also holds the bfloat16 pair-packed chunk plus the U pairs of 4 tokens, twice over)
 static constexpr int64_t expand_list_scratch(int64_t nexperts, int64_t R, int64_t cols) {
   return nexperts * (R + 1) * ((cols + 31) / 32 * 32) + 2 * 4 * nexperts * ((R + 31) / 32 * 16);
 }

@@ -325,13 +325,15 @@ void expand_list_dot(const ExpandJob<bf16_t, float>& j) {
 // B[e, n0 + c, 2 r2 + 1]) as one 32-bit word (an odd R's last pair padded with 0), so one
 // 64-byte load holds 16 columns of a rank pair and no reduction across lanes is needed:
 // MT tokens x 32 columns of float32 sums stay in registers, each step broadcasting a
-// token's (u[2 r2], u[2 r2 + 1]) pair, split into bfloat16 hi + lo as in the dot form.
+// token's (u[2 r2], u[2 r2 + 1]) pair. Here the products are the work (the dot form waits on
+// memory instead), so U is rounded once to bfloat16, as PyTorch rounds x @ A^T in that dtype,
+// rather than split into hi + lo: half the vdpbf16ps.
 constexpr int kListTokens = 4;  // tokens per register tile
 
 template <int MT>
 void expand_list_tile(const uint32_t* panel, int64_t nexp, int64_t R2, int64_t ld, int64_t us, const uint32_t* uh,
-                      const uint32_t* ul, bf16_t* const* y_rows, int64_t cols) {
-  // uh / ul: [MT][nexp][us] pairs of the tile's tokens
+                      bf16_t* const* y_rows, int64_t cols) {
+  // uh: [MT][nexp][us] bfloat16 pairs of the tile's tokens' U rows
   for (int64_t c = 0; c < cols; c += 32) {
     __m512 acc[MT][2];
     for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
@@ -343,11 +345,8 @@ void expand_list_tile(const uint32_t* panel, int64_t nexp, int64_t R2, int64_t l
         for (int i = 0; i < MT; ++i) {
           const int64_t w = (i * nexp + q) * us + r2;
           const __m512bh h = (__m512bh)_mm512_set1_epi32(static_cast<int>(uh[w]));
-          const __m512bh l = (__m512bh)_mm512_set1_epi32(static_cast<int>(ul[w]));
           acc[i][0] = _mm512_dpbf16_ps(acc[i][0], b0, h);
           acc[i][1] = _mm512_dpbf16_ps(acc[i][1], b1, h);
-          acc[i][0] = _mm512_dpbf16_ps(acc[i][0], b0, l);
-          acc[i][1] = _mm512_dpbf16_ps(acc[i][1], b1, l);
         }
       }
     }
@@ -362,10 +361,9 @@ void expand_list_tile(const uint32_t* panel, int64_t nexp, int64_t R2, int64_t l
 inline void expand_list_packed(const ExpandJob<bf16_t, float>& j) {
   const int64_t E = j.E, R = j.R, Rpad = j.Rpad, N = j.N, R2 = (R + 1) / 2, nexp = j.nexperts;
   const int64_t cols = j.n1 - j.n0, ld = round_up64(cols, 32);
-  const int64_t us = Rpad / 2;                                // pairs per token and expert in uh / ul
+  const int64_t us = Rpad / 2;                                // pairs per token and expert in uh
   uint32_t* panel = reinterpret_cast<uint32_t*>(j.scratch);  // [nexp][R2][ld]
   uint32_t* uh = panel + nexp * R2 * ld;                      // [kListTokens][nexp][us]
-  uint32_t* ul = uh + kListTokens * nexp * us;
   for (int64_t q = 0; q < nexp; ++q) {
     const uint16_t* b_rows = reinterpret_cast<const uint16_t*>(j.b + (j.experts[q] * N + j.n0) * R);
     uint32_t* pq = panel + q * R2 * ld;
@@ -394,26 +392,20 @@ inline void expand_list_packed(const ExpandJob<bf16_t, float>& j) {
     for (int i = 0; i < mt; ++i) {
       const int64_t t = j.tokens[i0 + i];
       y_rows[i] = j.y + t * N + j.n0;
-      // U rows (float32, pad lanes 0 up to Rpad) -> bfloat16 hi and lo; adjacent bfloat16 are
-      // the (u[2 r2], u[2 r2 + 1]) pairs as 32-bit words.
+      // U rows (float32, pad lanes 0 up to Rpad) -> bfloat16; adjacent bfloat16 are the
+      // (u[2 r2], u[2 r2 + 1]) pairs as 32-bit words.
       for (int64_t q = 0; q < nexp; ++q) {
         const float* u = j.u + (t * E + j.experts[q]) * Rpad;
         uint32_t* h = uh + (i * nexp + q) * us;
-        uint32_t* l = ul + (i * nexp + q) * us;
-        for (int64_t r = 0; r < Rpad; r += 16) {
-          const __m512 v = _mm512_loadu_ps(u + r);
-          const __m256bh hv = _mm512_cvtneps_pbh(v);
-          const __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)hv), 16));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(h + r / 2), (__m256i)hv);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(l + r / 2), (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, hf)));
-        }
+        for (int64_t r = 0; r < Rpad; r += 16)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(h + r / 2), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(u + r)));
       }
     }
     switch (mt) {
-      case 1: expand_list_tile<1>(panel, nexp, R2, ld, us, uh, ul, y_rows, cols); break;
-      case 2: expand_list_tile<2>(panel, nexp, R2, ld, us, uh, ul, y_rows, cols); break;
-      case 3: expand_list_tile<3>(panel, nexp, R2, ld, us, uh, ul, y_rows, cols); break;
-      default: expand_list_tile<4>(panel, nexp, R2, ld, us, uh, ul, y_rows, cols); break;
+      case 1: expand_list_tile<1>(panel, nexp, R2, ld, us, uh, y_rows, cols); break;
+      case 2: expand_list_tile<2>(panel, nexp, R2, ld, us, uh, y_rows, cols); break;
+      case 3: expand_list_tile<3>(panel, nexp, R2, ld, us, uh, y_rows, cols); break;
+      default: expand_list_tile<4>(panel, nexp, R2, ld, us, uh, y_rows, cols); break;
     }
   }
 }

@@ -82,7 +82,7 @@ class GenSettings:
 
 PRESETS: Dict[str, GenSettings] = {
     # part of `milora-bench` with no arguments: the headline rows, short prompts
-    "quick": GenSettings(prompt_len=16, new_tokens=16, repeats=3,
+    "quick": GenSettings(prompt_len=16, new_tokens=16, repeats=7,
                          methods=("base", "lora", "peft", "moelora", "milora")),
     # the default of `milora-bench generate` (~1 minute on 2 idle CPU cores in bfloat16)
     "standard": GenSettings(),

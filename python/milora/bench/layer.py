@@ -59,7 +59,7 @@ class LayerSweep:
 PRESETS: Dict[str, LayerSweep] = {
     # `milora-bench` with no arguments: a few rows, seconds on a 2-core CPU
     "quick": LayerSweep(shapes=((4096, 4096),), decode_seqs=(16,), prefill=((2, 32),), adapters=(1, 16),
-                        mixes=("distinct",), repeats=5, prefill_repeats=3),
+                        mixes=("distinct",), repeats=9, prefill_repeats=7),
     # the sweep (the default of `milora-bench layer`; long on a CPU, minutes on a GPU)
     "standard": LayerSweep(),
     # mixtures of experts per linear (MOELoRA's 8 experts of rank 4, top-4, and smaller)
