@@ -93,7 +93,7 @@ BUILD_RC=$?
 if [ $BUILD_RC -eq 0 ]; then
   if "$PY" -c 'import pytest' 2>/dev/null; then
     XDIST=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 4")
-    stage tests 105 "$PY" -m pytest tests/test_cuda_gated_lora_linear.py -q -ra -p no:cacheprovider $XDIST
+    stage tests 105 "$PY" -m pytest tests/test_cuda_gated_lora_linear.py tests/test_training_autocast.py -q -ra -p no:cacheprovider $XDIST
   else
     note "tests: skipped (pytest is not installed here); the benchmark's own correctness checks still run"
   fi

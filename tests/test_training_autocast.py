@@ -22,11 +22,13 @@ def _case(seed=0, T=11, K=24, N=20, P=3, E=2, R=4):
     return x, w, b, a, bb, offsets, ids, gates
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_forward_backward_equal_explicit_casts(dtype):
+def _check_autocast_equals_explicit_casts(device, dtype):
     x, w, b, a, bb, offsets, ids, gates = _case()
-    gy = torch.randn(x.shape[0], w.shape[0], generator=torch.Generator().manual_seed(5)).to(dtype)
-    with torch.autocast("cpu", dtype=dtype):
+    if device != "cpu":
+        x, w, b, a, bb = [t.detach().to(device).requires_grad_() for t in (x, w, b, a, bb)]
+        offsets, ids, gates = offsets.to(device), ids.to(device), gates.to(device)
+    gy = torch.randn(x.shape[0], w.shape[0], generator=torch.Generator().manual_seed(5)).to(device=device, dtype=dtype)
+    with torch.autocast(device, dtype=dtype):
         y = gated_lora_linear(x, w, b, a, bb, offsets, ids, gates)
         lin = F.linear(x, w, b)
     assert y.dtype == dtype == lin.dtype  # same output dtype as F.linear under autocast
@@ -46,6 +48,18 @@ def test_autocast_forward_backward_equal_explicit_casts(dtype):
     torch_err = (gated_lora_linear_ref(x.to(dtype), w.to(dtype), b.to(dtype), a.to(dtype), bb.to(dtype), offsets,
                                        ids, gates).float() - exact).abs().max()
     assert (y.float() - exact).abs().max() <= 2 * torch_err + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_forward_backward_equal_explicit_casts(dtype):
+    _check_autocast_equals_explicit_casts("cpu", dtype)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and milora_ext.has_cuda_kernels()),
+                    reason="no CUDA device visible (or a CPU-only build): scripts/gpu_check.sh runs this on a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_autocast_forward_backward_equal_explicit_casts(dtype):
+    _check_autocast_equals_explicit_casts("cuda", dtype)
 
 
 def test_autocast_keeps_gates_float32_and_gate_gradients():
