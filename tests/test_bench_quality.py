@@ -73,3 +73,36 @@ def test_quality_smoke_every_method(tmp_path, capsys):
             assert r["accuracy"] == r["accuracy_peft_generate"]
     # the cached base model is reused: a second run does not pre-train again
     assert len(list(tmp_path.glob("quality_base_micro_*.safetensors"))) == 1
+
+
+def test_milora_lr_scales_change_only_their_groups(tmp_path):
+    """Recipe.router_lr_scale / milora_lr_scale multiply the learning rate of milora's routers /
+    LoRA weights: scale 0 freezes that group while the other trains; other methods ignore them."""
+    from milora.bench.quality_methods import MethodTrainer, Recipe, choose_ranks
+    from milora.bench.quality_model import load_base
+    from milora.bench.quality_tasks import MIXES, TrainStream
+
+    base, _, _ = load_base("micro", str(tmp_path), log=lambda *a: None)
+    stream = TrainStream(MIXES["mixed"], 0)
+    batches = [stream.batch(8) for _ in range(5)]
+
+    def trained(recipe, method="milora"):
+        plans = choose_ranks(base, 4, recipe)
+        tr = MethodTrainer(method, base, plans[method], recipe, 0, 5, str(tmp_path))
+        before = {n: p.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad}
+        tr.train_to(5, batches)
+        moved = {n: not torch.equal(before[n], p.detach()) for n, p in tr.model.named_parameters() if p.requires_grad}
+        return tr, moved
+
+    tr, moved = trained(Recipe(lr=1e-2, batch=8, router_lr_scale=0.0, milora_lr_scale=2.0))
+    routers = {n: v for n, v in moved.items() if n.startswith("routers.")}
+    lora = {n: v for n, v in moved.items() if not n.startswith("routers.")}
+    assert routers and not any(routers.values())        # lr 0: the routers stay at their init
+    assert any(v for n, v in lora.items() if "lora_b" in n)
+    assert [g["lr_scale"] for g in tr.opt.param_groups] == [2.0, 0.0]
+    last = tr.opt.param_groups
+    assert last[0]["lr"] > 0 and last[1]["lr"] == 0.0
+    _, moved = trained(Recipe(lr=1e-2, batch=8))
+    assert any(v for n, v in moved.items() if n.startswith("routers."))  # default: the routers train
+    tr, _ = trained(Recipe(lr=1e-2, batch=8, router_lr_scale=0.0, milora_lr_scale=0.0), method="moelora")
+    assert [g["lr_scale"] for g in tr.opt.param_groups] == [1.0]

@@ -49,6 +49,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=Recipe.lr, help=f"AdamW learning rate (default {Recipe.lr})")
     p.add_argument("--batch", type=_positive, default=Recipe.batch, help=f"training batch (default {Recipe.batch})")
     p.add_argument("--eval-per-task", type=_positive, default=QUICK["n_eval"], help="held-out prompts per task (default 64)")
+    p.add_argument("--milora-lr-scale", type=float, default=Recipe.milora_lr_scale,
+                   help="milora only: multiply the learning rate of its LoRA weights (default 1)")
+    p.add_argument("--router-lr-scale", type=float, default=Recipe.router_lr_scale,
+                   help="milora only: multiply the learning rate of its layer routers (default 1)")
     p.add_argument("--milora-opt", nargs="+", default=[], metavar="FIELD=VALUE",
                    help="MiLoRAConfig overrides for milora, e.g. top_k=3 gate_mode=hard load_balance_coef=0.1")
     p.add_argument("--moelora-opt", nargs="+", default=[], metavar="FIELD=VALUE", help="MiLoRAConfig overrides for moelora")
@@ -139,6 +143,8 @@ def run(model_name: str = "tiny", mixes: Sequence[str] = ("mixed", "interference
                                        config=(plans[m]["config"].to_dict() if plans[m]["config"] is not None else
                                                {"peft": True, "r": plans[m]["rank"], "alpha": 2 * plans[m]["rank"]}),
                                        lr=recipe.lr, batch=recipe.batch, n_eval=n_eval,
+                                       lr_scales=({"lora": recipe.milora_lr_scale, "router": recipe.router_lr_scale}
+                                                  if m == "milora" else None),
                                        train_seconds=round(train_s[m], 2))
                             if m == "milora" and rstats is not None:
                                 rec["routing"] = {layer: v.get(task, v["all"]) if task != "mean" else v["all"]
@@ -207,7 +213,12 @@ def run_cli(args, device) -> List[Dict]:
     env = environment(torch.device("cpu"))
     print("# milora-bench quality")
     print(format_env(env))
-    recipe = Recipe(lr=args.lr, batch=args.batch, milora=_parse_opts(args.milora_opt), moelora=_parse_opts(args.moelora_opt))
+    for name in ("milora_lr_scale", "router_lr_scale"):
+        v = getattr(args, name)
+        if not (v >= 0 and v < float("inf")):
+            raise SystemExit(f"milora-bench quality: --{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+    recipe = Recipe(lr=args.lr, batch=args.batch, milora_lr_scale=args.milora_lr_scale,
+                    router_lr_scale=args.router_lr_scale, milora=_parse_opts(args.milora_opt), moelora=_parse_opts(args.moelora_opt))
     recs = run(args.model, args.mixes, args.methods, args.seeds, args.steps, args.eval_at, args.rank, recipe,
                args.eval_per_task, args.cache_dir, args.progress)
     print(format_table(recs))

@@ -38,6 +38,11 @@ class Recipe:
     batch: int = 32
     warmup: float = 0.06       # fraction of the steps
     clip: float = 1.0
+    # learning-rate multipliers for the milora method only (1.0 = the shared recipe): its LoRA
+    # weights (each module sees only the prompts routed to it, with a gate of about 1/top_k) and
+    # its layer routers; docs/training.md has what they did on the suite
+    milora_lr_scale: float = 1.0
+    router_lr_scale: float = 1.0
     # MiLoRA / MOELoRA router settings (MiLoRAConfig fields) applied to the routed methods
     milora: Dict = field(default_factory=dict)
     moelora: Dict = field(default_factory=dict)
@@ -118,9 +123,16 @@ class MethodTrainer:
         else:
             self.model = get_milora_model(model, plan["config"], adapter_name=method)
         self.model.train()
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
         self.trainable_params = sum(p.numel() for p in self.params)
-        self.opt = torch.optim.AdamW(self.params, lr=recipe.lr, weight_decay=0.0)
+        groups = [dict(params=self.params, lr_scale=1.0)]
+        if method == "milora":
+            router = [p for n, p in named if n.startswith("routers.")]
+            lora = [p for n, p in named if not n.startswith("routers.")]
+            groups = [dict(params=lora, lr_scale=recipe.milora_lr_scale),
+                      dict(params=router, lr_scale=recipe.router_lr_scale)]
+        self.opt = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=0.0)
 
     def train_to(self, step: int, stream_batches: List) -> float:
         """Train on stream_batches[self.step:step]; returns the mean training loss."""
@@ -132,7 +144,7 @@ class MethodTrainer:
             if self.method == "lora":
                 b.pop("prompt_mask")
             for g in self.opt.param_groups:
-                g["lr"] = self.recipe.lr * lr_factor(self.step, self.total, self.recipe.warmup)
+                g["lr"] = self.recipe.lr * g["lr_scale"] * lr_factor(self.step, self.total, self.recipe.warmup)
             loss = self.model(**b).loss
             loss.backward()
             if self.recipe.clip:
