@@ -85,8 +85,8 @@ def _openmp_flags():
     return []
 
 
-def _cxx_flags():
-    flags = ["-O3", "-fvisibility=hidden"] + _openmp_flags()
+def _cxx_flags(openmp):
+    flags = ["-O3", "-fvisibility=hidden"] + openmp
     arch = os.environ.get("MILORA_CPU_ARCH", "none").strip()
     if arch and arch != "none":
         flags.append(f"-march={arch}")
@@ -97,7 +97,8 @@ def _extension():
     rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)  # noqa: E731
     sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc")]
-    extra = {"cxx": _cxx_flags()}
+    openmp = _openmp_flags()
+    extra = {"cxx": _cxx_flags(openmp)}
     if _want_cuda():
         sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
         arch_list = os.environ.get("MILORA_CUDA_ARCH_LIST") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;8.6;8.9;9.0+PTX"
@@ -108,9 +109,9 @@ def _extension():
         extra["cxx"].append("-DMILORA_WITH_CUDA")
         extra["nvcc"] = ["-O3", "-DMILORA_WITH_CUDA", "--expt-relaxed-constexpr", "-lineinfo"]
         return CUDAExtension("milora_ext._C", sources, include_dirs=include_dirs,
-                             extra_compile_args=extra, extra_link_args=_openmp_flags(), py_limited_api=True)
+                             extra_compile_args=extra, extra_link_args=openmp, py_limited_api=True)
     return CppExtension("milora_ext._C", sources, include_dirs=include_dirs,
-                        extra_compile_args=extra, extra_link_args=_openmp_flags(), py_limited_api=True)
+                        extra_compile_args=extra, extra_link_args=openmp, py_limited_api=True)
 
 
 setup(

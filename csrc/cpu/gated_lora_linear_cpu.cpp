@@ -18,10 +18,11 @@
 //             stays in cache for all the adapter's tokens.
 // Runs of batch-adjacent sequences of one adapter and expert set with at least kGemmMinTokens
 // tokens (prefill) skip the phases: their LoRA term is two ATen GEMMs over their own rows
-// (add_gated_lora_gemm), the blocked code the base product uses. In the phases, long token lists / adapters go through packed GEMM-like tiles (A^T / B^T
-// packed to float32 panels once per work item); the others (decode: a few tokens per adapter)
-// through dot tiles that read A and B straight from memory, which bounds them (for bfloat16
-// on AVX-512-BF16, with vdpbf16ps at the width B is stored).
+// (add_gated_lora_gemm), the blocked code the base product uses. In the phases, long token
+// lists / adapters go through packed GEMM-like tiles (A^T / B^T packed to float32 panels once
+// per work item); the others (decode: a few tokens per adapter) through dot tiles that read A
+// and B straight from memory, which bounds them (for bfloat16 on AVX-512-BF16, with vdpbf16ps
+// at the width B is stored).
 // Sequences with adapter -1 and experts with gate 0 are never visited.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -54,6 +55,15 @@ constexpr int64_t kMinExpandCols = 32;    // ...and at least
 
 constexpr int64_t kParallelMinMacs = 1 << 16;  // below this a phase runs on the calling thread
 constexpr size_t kKeptScratch = size_t(1) << 20;  // scratch (elements) kept per thread between calls
+
+// Scratch of `need` elements: the calling thread's kept buffer (no allocation per decode step),
+// or, for an unusually large call, `own`, freed by the caller on return.
+template <typename A>
+A* kept_or_own(std::vector<A>& kept, std::vector<A>& own, size_t need) {
+  std::vector<A>& buf = need <= kKeptScratch ? kept : own;
+  if (buf.size() < need) buf.resize(need);
+  return buf.data();
+}
 
 int64_t round_up(int64_t v, int64_t m) {
   return (v + m - 1) / m * m;
@@ -247,6 +257,22 @@ int64_t expand_chunk_cols(int64_t units, int64_t N) {
   return std::max(kMinExpandCols, round_up(ceil_div(N * units, threads), kMinExpandCols));
 }
 
+// The fields of an expand work item every kind shares: adapter slot p's B, columns [n0, n1).
+template <typename S, typename A>
+ExpandJob<S, A> expand_job(const LoraOperands<S, A>& op, int64_t adapter, int64_t n0, int64_t n1) {
+  ExpandJob<S, A> job{};
+  job.b = op.b + adapter * op.E * op.N * op.R;
+  job.u = op.u;
+  job.y = op.y;
+  job.N = op.N;
+  job.E = op.E;
+  job.R = op.R;
+  job.Rpad = op.Rpad;
+  job.n0 = n0;
+  job.n1 = n1;
+  return job;
+}
+
 // The expand by token list (every dtype but float64): one work item per (list, column chunk).
 template <typename S, typename A>
 void lora_expand_lists(const LoraOperands<S, A>& op, const std::vector<TokenList>& lists, const LoraKernels<S, A>& kern) {
@@ -263,25 +289,14 @@ void lora_expand_lists(const LoraOperands<S, A>& op, const std::vector<TokenList
     thread_local std::vector<A> scratch;  // kept per pool thread: no allocation per decode step
     for (int64_t w = begin; w < end; ++w) {
       const TokenList& l = lists[items[w].first];
-      ExpandJob<S, A> job{};
-      job.b = op.b + l.adapter * op.E * N * op.R;
-      job.u = op.u;
-      job.y = op.y;
-      job.N = N;
-      job.E = op.E;
-      job.R = op.R;
-      job.Rpad = op.Rpad;
-      job.n0 = items[w].second;
-      job.n1 = std::min(N, job.n0 + cols);
+      const int64_t n0 = items[w].second;
+      ExpandJob<S, A> job = expand_job(op, l.adapter, n0, std::min(N, n0 + cols));
       job.tokens = l.tokens.data();
       job.ntokens = static_cast<int64_t>(l.tokens.size());
       job.experts = l.experts.data();
       job.nexperts = static_cast<int64_t>(l.experts.size());
-      const size_t need = static_cast<size_t>(expand_list_scratch(job.nexperts, op.R, job.n1 - job.n0));
-      std::vector<A> own;  // an unusually large item gets its own, freed on return
-      std::vector<A>& buf = need <= kKeptScratch ? scratch : own;
-      if (buf.size() < need) buf.resize(need);
-      job.scratch = buf.data();
+      std::vector<A> own;
+      job.scratch = kept_or_own(scratch, own, static_cast<size_t>(expand_list_scratch(job.nexperts, op.R, job.n1 - job.n0)));
       kern.expand_list(job);
     }
   });
@@ -318,22 +333,13 @@ void lora_expand(const LoraOperands<S, A>& op, const LoraPlan& plan, const Activ
     for (int64_t w = begin; w < end; ++w) {
       const Item& it = items[w];
       const AdapterGroup& grp = plan.groups[it.group];
-      ExpandJob<S, A> job{};
-      job.b = op.b + grp.adapter * E * N * R;
-      job.u = op.u;
-      job.y = op.y;
+      ExpandJob<S, A> job = expand_job(op, grp.adapter, it.n0, it.n1);
       job.seqs = grp.seqs.data();
       job.nseqs = static_cast<int64_t>(grp.seqs.size());
       job.offsets = plan.offsets.data();
       job.seq_experts = act.experts.data();
       job.seq_nexp = act.nexp.data();
       job.used = used.data() + it.group * E;
-      job.N = N;
-      job.E = E;
-      job.R = R;
-      job.Rpad = op.Rpad;
-      job.n0 = it.n0;
-      job.n1 = it.n1;
       if (it.packed) {
         scratch.resize(std::min<int64_t>(E, 64) * R * round_up(it.n1 - it.n0, 32));
         job.scratch = scratch.data();
@@ -479,12 +485,11 @@ void add_gated_lora(
   const size_t u_size = static_cast<size_t>(sh.T * sh.E * Rpad);
   thread_local std::vector<A> kept;
   std::vector<A> own;
-  std::vector<A>& u_buffer = u_size <= kKeptScratch ? kept : own;
-  if (u_buffer.size() < u_size) u_buffer.resize(u_size);
+  A* const u_buffer = kept_or_own(kept, own, u_size);
   const A* g = gates.data_ptr<A>();
   const LoraOperands<S, A> op{
       reinterpret_cast<const S*>(x.data_ptr<scalar_t>()), reinterpret_cast<const S*>(lora_a.data_ptr<scalar_t>()),
-      reinterpret_cast<const S*>(lora_b.data_ptr<scalar_t>()), g, u_buffer.data(),
+      reinterpret_cast<const S*>(lora_b.data_ptr<scalar_t>()), g, u_buffer,
       reinterpret_cast<S*>(y.data_ptr<scalar_t>()), sh.T, sh.K, sh.N, sh.E, sh.R, Rpad};
   const ActiveExperts<A> act(plan, g, sh.S, sh.E);
   const std::vector<TokenList> lists = token_lists(plan, act, sh.E);

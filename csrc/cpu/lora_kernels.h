@@ -241,6 +241,15 @@ inline __m512 pair_sum(__m512 a, __m512 b) {
   return _mm512_add_ps(_mm512_permutex2var_ps(a, even, b), _mm512_permutex2var_ps(a, odd, b));
 }
 
+// NACC vectors holding 16 rows x NACC partial sums (rows in lane order) -> the 16 row sums
+// (acc is overwritten).
+template <int NACC>
+inline __m512 row_sums(__m512* acc) {
+  for (int width = NACC; width > 1; width /= 2)
+    for (int v = 0; v < width / 2; ++v) acc[v] = pair_sum(acc[2 * v], acc[2 * v + 1]);
+  return acc[0];
+}
+
 // u[0 .. R) (float32) as bfloat16 hi and lo vectors of 32 lanes: lane j holds u[z * 32 + j]
 // when R >= 32 (vector z of R / 32), and u[j % R] when R < 32 (the row repeated).
 inline void split_u_bf16(const float* u, int64_t R, __m512bh* hi, __m512bh* lo) {
@@ -292,10 +301,7 @@ void expand_list_dot(const ExpandJob<bf16_t, float>& j) {
           }
         }
       }
-      // NACC vectors of 16 rows x NACC partial sums (rows in lane order) -> 16 row sums.
-      for (int width = NACC; width > 1; width /= 2)
-        for (int v = 0; v < width / 2; ++v) acc[v] = pair_sum(acc[2 * v], acc[2 * v + 1]);
-      Vec512{acc[0]}.add_to(yrow + n, 16);
+      Vec512{row_sums<NACC>(acc)}.add_to(yrow + n, 16);
     }
     if (n < j.n1) {  // the last, partial block: rows past n1 read as 0, never from memory
       const int64_t cols = j.n1 - n;
@@ -313,9 +319,7 @@ void expand_list_dot(const ExpandJob<bf16_t, float>& j) {
             acc[v] = _mm512_dpbf16_ps(acc[v], bv, lo[q * nz + z]);
           }
       }
-      for (int width = NACC; width > 1; width /= 2)
-        for (int v = 0; v < width / 2; ++v) acc[v] = pair_sum(acc[2 * v], acc[2 * v + 1]);
-      Vec512{acc[0]}.add_to(yrow + n, static_cast<int>(cols));
+      Vec512{row_sums<NACC>(acc)}.add_to(yrow + n, static_cast<int>(cols));
     }
   }
 }
