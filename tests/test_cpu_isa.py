@@ -59,7 +59,7 @@ def test_batches(level, dtype):
         ([1] * 16, list(range(16)), 16),              # decode, distinct adapters
         ([1] * 16, [0] * 16, 1),                      # decode, 16 sequences sharing one adapter (K split, packed)
         ([1], [0], 1),                                # one token, one adapter (K split, dot tiles)
-        ([100, 37, 64], [2, 0, 1], 3),                # prefill (packed tiles)
+        ([100, 37, 64], [2, 0, 1], 3),                # prefill below the GEMM route (tiles)
         ([200, 1, 1, 1, 1, 3], [0, 1, 2, 3, 0, -1], 4),  # skewed lengths
     ]
     for i, (lens, ids, P) in enumerate(cases):
@@ -72,6 +72,19 @@ def test_odd_sizes_ranks_experts(level, dtype):
     for K, N, R, E in [(257, 129, 5, 3), (31, 17, 33, 2), (70, 40, 3, 70), (1029, 45, 16, 1)]:
         run(make_problem([3, 1, 19, 1, 23], [0, 1, 0, 2, -1], K=K, N=N, P=3, E=E, R=R,
                          active_experts=max(1, E // 2), dtype=dtype, seed=K + R), level)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_tiles_and_panel_packing(level, dtype):
+    # Two adapters interleaved over 140 decode sequences: each adapter's token list is 70 long
+    # but no run of batch-adjacent sequences is, so the LoRA term stays on the hand-written
+    # tiles (packed shrink and expand) rather than the ATen GEMM route. The ranks put the panel
+    # packing's 8 x 8 register blocks (R = 16, 32) next to the element-wise rest (R = 24's
+    # last 8 rows with bfloat16 pairs, R = 7 below one block); K and N are off every width.
+    ids = [0, 1] * 70
+    for K, N, R in [(1029, 83, 16), (515, 200, 24), (257, 61, 7), (96, 40, 32)]:
+        run(make_problem([1] * 140, ids, K=K, N=N, P=2, E=2, R=R, active_experts=1 + R % 2, dtype=dtype,
+                         seed=K + R), level)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

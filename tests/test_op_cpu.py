@@ -29,10 +29,11 @@ def run(problem):
         pytest.param([100, 37, 64], [2, 0, 1], 3, id="prefill"),
         pytest.param([200, 1, 1, 1, 1, 3], [0, 1, 2, 3, 0, -1], 4, id="skewed-lengths"),
         pytest.param([5, 5], [0, 0], 1, id="one-adapter-shared"),
-        # batch-adjacent sequences of one adapter (and expert set) adding up to 64+ tokens: the
+        # batch-adjacent sequences of one adapter (and expert set) adding up to 128+ tokens: the
         # GEMM route with per-sequence gates; a run broken by another adapter and by base rows
-        pytest.param([20, 30, 25, 3, 40, 40, 1, 70], [0, 0, 0, 1, 1, -1, 0, 0], 2, id="gemm-runs"),
+        pytest.param([50, 60, 25, 3, 80, 40, 1, 140], [0, 0, 0, 1, 1, -1, 0, 0], 2, id="gemm-runs"),
         pytest.param([1] * 70, [0] * 70, 1, id="decode-70-sharing-one-adapter"),
+        pytest.param([1] * 130, [0] * 130, 1, id="decode-130-sharing-one-adapter"),
     ],
 )
 def test_batches(dtype, seq_lens, ids, P):
@@ -43,9 +44,9 @@ def test_batches(dtype, seq_lens, ids, P):
 @pytest.mark.parametrize("E", [1, 2, 3, 8])
 @pytest.mark.parametrize("R", [1, 7, 16, 33, 128])
 def test_experts_and_ranks(dtype, E, R):
-    # Adapter 0 holds 22 tokens in short sequences (packed tiles) and a 66-token sequence (ATen
-    # GEMM route), adapters 1 and 2 one token each (dot tiles).
-    lens = [3, 1, 19, 1, 66]
+    # Adapter 0 holds 22 tokens in short sequences (tiles) and a 130-token sequence (ATen GEMM
+    # route), adapters 1 and 2 one token each (dot tiles).
+    lens = [3, 1, 19, 1, 130]
     run(make_problem(lens, [0, 1, 0, 2, 0], K=75, N=43, P=3, E=E, R=R, active_experts=max(1, E // 2), dtype=dtype, seed=E * 1000 + R))
 
 

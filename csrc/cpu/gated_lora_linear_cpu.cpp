@@ -25,11 +25,13 @@
 // at the width B is stored).
 // Sequences with adapter -1 and experts with gate 0 are never visited.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -40,9 +42,16 @@
 namespace milora::cpu {
 namespace {
 
-constexpr int64_t kGemmMinTokens = 64;    // a run of sequences this long takes the ATen GEMM route (add_gated_lora_gemm)
-constexpr int64_t kShrinkPackedMinTokens = 64;  // shrink: token lists this long use packed tiles (shorter
-                                                // ones: dot tiles, whose reads of A cost less than packing it)
+// A run of sequences this long takes the ATen GEMM route (add_gated_lora_gemm). Measured on
+// a 2-core Sapphire Rapids, bf16 4096 x 4096, R = 16, one run of L tokens, LoRA phases in us,
+// tiles / GEMM route: AVX-512-BF16 L=64 142/230, 128 273/348, 256 562/446; AVX2 L=64 213/238,
+// 128 445/369. The ATen route has a fixed cost (oneDNN's small-M products) the tiles do not.
+constexpr int64_t kGemmMinTokens = 128;
+// Shrink: float32 token lists this long use packed tiles (shorter ones: dot tiles, whose reads
+// of A cost less than packing it). 16-bit storage stays on the dot tiles at every length: they
+// multiply pairs of stored values without widening each one (vdpbf16ps, or the pair split of
+// lora_tiles.h), which beat the float32 panels at 64 to 1024 tokens on AVX2 and AVX-512.
+constexpr int64_t kShrinkPackedMinTokens = 128;
 constexpr int64_t kPackedMinTokens = 16;  // expand: adapters with this many tokens use packed tiles
 constexpr int64_t kPackedRows = 6;        // tokens per packed tile (lora_tiles.h)
 constexpr int64_t kPackedMinChunk = 48;   // tokens per packed shrink work item: at least...
@@ -159,7 +168,9 @@ void lora_shrink(const LoraOperands<S, A>& op, const std::vector<TokenList>& lis
   const int64_t threads = at::get_num_threads();
   // float64 (the reference dtype) keeps the packed tiles from kPackedMinTokens on: their
   // single accumulation chain per output is what its accuracy tests were calibrated on.
-  const int64_t packed_min_tokens = std::is_same_v<S, double> ? kPackedMinTokens : kShrinkPackedMinTokens;
+  const int64_t packed_min_tokens = std::is_same_v<S, double> ? kPackedMinTokens
+                                    : sizeof(S) == 2          ? std::numeric_limits<int64_t>::max()
+                                                              : kShrinkPackedMinTokens;
   std::vector<ShrinkItem> items;
   int64_t macs = 0;
   for (int64_t l = 0; l < static_cast<int64_t>(lists.size()); ++l) {
@@ -415,12 +426,6 @@ void add_gated_lora_gemm(
   for (int64_t e = 0; e < E; ++e)
     if (gates[run.s0 * E + e] != 0.0f) experts.push_back(e);
   const int64_t k = static_cast<int64_t>(experts.size());
-  // Gate of each row and active expert: [len, k] float32.
-  at::Tensor row_gates = at::empty({len, k}, at::TensorOptions().dtype(at::kFloat));
-  float* rg = row_gates.data_ptr<float>();
-  for (int64_t s = run.s0; s < run.s1; ++s)
-    for (int64_t t = plan.seq_begin(s); t < plan.seq_end(s); ++t)
-      for (int64_t q = 0; q < k; ++q) rg[(t - t0) * k + q] = gates[s * E + experts[q]];
   const at::Tensor xs = x.narrow(0, t0, len);  // [len, K]
   at::Tensor ys = y.narrow(0, t0, len);        // [len, N], whole rows: contiguous
   const at::Tensor a_p = lora_a[run.adapter];  // [E, R, K]
@@ -434,8 +439,21 @@ void add_gated_lora_gemm(
     a_sel = a_p.index_select(0, idx).reshape({k * R, K});
     b_sel = b_p.index_select(0, idx).permute({1, 0, 2}).reshape({N, k * R});
   }
-  at::Tensor u = at::mm(xs, a_sel.t());            // [len, k R]
-  u.view({len, k, R}).mul_(row_gates.unsqueeze(-1));
+  at::Tensor u = at::mm(xs, a_sel.t());  // [len, k R], contiguous
+  // Each row's k rank blocks times its sequence's gates, rounded to u's dtype as an in-place
+  // PyTorch multiply would. A plain loop: a broadcast mixed-dtype mul_ costs more (20-100 us
+  // at 64-1024 rows) than the rest of this term's bookkeeping.
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "lora_gemm_gates", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* up = u.data_ptr<scalar_t>();
+    for (int64_t s = run.s0; s < run.s1; ++s)
+      for (int64_t t = plan.seq_begin(s); t < plan.seq_end(s); ++t)
+        for (int64_t q = 0; q < k; ++q) {
+          const acc_t gv = gates[s * E + experts[q]];
+          scalar_t* row = up + ((t - t0) * k + q) * R;
+          for (int64_t r = 0; r < R; ++r) row[r] = static_cast<scalar_t>(static_cast<acc_t>(row[r]) * gv);
+        }
+  });
   ys.addmm_(u, b_sel.t());
 }
 

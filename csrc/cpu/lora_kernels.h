@@ -59,10 +59,9 @@ void shrink_packed(const ShrinkJob<S, A>& j) {
   for (int64_t q = 0; q < j.ne; ++q) {
     const S* a_rows = j.a + j.experts[q] * R * K + j.k0;
     A* panel = j.scratch + q * klen * Rpad;
-    for (int64_t k = 0; k < klen; ++k) {
-      for (int64_t r = 0; r < R; ++r) panel[k * Rpad + r] = widen(a_rows[r * K + k]);
+    pack_transposed(a_rows, K, R, klen, panel, Rpad);
+    for (int64_t k = 0; k < klen; ++k)
       for (int64_t r = R; r < Rpad; ++r) panel[k * Rpad + r] = A(0);
-    }
   }
   for (int64_t i = j.i0; i < j.i1; i += kPackedRows) {
     const int mr = static_cast<int>(min64(kPackedRows, j.i1 - i));
@@ -101,10 +100,9 @@ void expand_packed(const ExpandJob<S, A>& j) {
       if (!j.used[e]) continue;
       A* panel = j.scratch + (e - e0) * R * ld;
       const S* b_rows = j.b + (e * N + j.n0) * R;
-      for (int64_t r = 0; r < R; ++r) {
-        for (int64_t c = 0; c < cols; ++c) panel[r * ld + c] = widen(b_rows[c * R + r]);
+      pack_transposed(b_rows, R, cols, R, panel, ld);
+      for (int64_t r = 0; r < R; ++r)
         for (int64_t c = cols; c < ld; ++c) panel[r * ld + c] = A(0);
-      }
       panel_of[e - e0] = panel;
     }
     for (int64_t si = 0; si < j.nseqs; ++si) {
@@ -195,10 +193,9 @@ void expand_list_f32(const ExpandJob<S, A>& j) {
     const int64_t e = j.experts[q];
     A* panel = j.scratch + q * R * ld;
     const S* b_rows = j.b + (e * N + j.n0) * R;
-    for (int64_t r = 0; r < R; ++r) {
-      for (int64_t c = 0; c < cols; ++c) panel[r * ld + c] = widen(b_rows[c * R + r]);
+    pack_transposed(b_rows, R, cols, R, panel, ld);
+    for (int64_t r = 0; r < R; ++r)
       for (int64_t c = cols; c < ld; ++c) panel[r * ld + c] = A(0);
-    }
     panel_of[e] = panel;
   }
   for (int64_t i0 = 0; i0 < j.ntokens; i0 += kPackedRows) {

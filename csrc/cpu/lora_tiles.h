@@ -76,6 +76,69 @@ void dot_tile(const bf16_t* const* x_rows, const bf16_t* const* a_rows, int64_t 
 }
 #endif
 
+#if MILORA_ISA_LEVEL == 1 || MILORA_ISA_LEVEL == 2
+// bfloat16 inputs without vdpbf16ps. A 32-bit word holding bfloat16 k and k + 1 widens to two
+// float32 vectors by one integer op each: a shift left by 16 (value k) and a mask of the low
+// half (value k + 1). x and A split the same way, so the products of k and of k + 1 meet in
+// the same lane and one accumulator takes both: a dot product does not care in which lane a
+// term is added. That is one integer op per widened vector, where the generic widening load
+// spends a zero-extending move (port 5) and a shift.
+#if MILORA_ISA_LEVEL == 2
+struct Bf16Pairs {
+  static constexpr int values = 32;  // bfloat16 per load
+  using V = __m512;
+  static V lo(__m512i w) { return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)); }
+  static V hi(__m512i w) { return _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(int(0xFFFF0000u)))); }
+  static __m512i load(const bf16_t* p) { return _mm512_loadu_si512(p); }
+  static V zero() { return _mm512_setzero_ps(); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(V v) { return _mm512_reduce_add_ps(v); }
+};
+#else
+struct Bf16Pairs {
+  static constexpr int values = 16;
+  using V = __m256;
+  static V lo(__m256i w) { return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)); }
+  static V hi(__m256i w) { return _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(int(0xFFFF0000u)))); }
+  static __m256i load(const bf16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static V zero() { return _mm256_setzero_ps(); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(V v) { return VecAvx2{v}.sum(); }
+};
+#endif
+
+template <int TM, int TJ>
+void dot_tile(const bf16_t* const* x_rows, const bf16_t* const* a_rows, int64_t K, float* out, int64_t out_stride) {
+  using P = Bf16Pairs;
+  typename P::V acc[TM][TJ];
+  for (int i = 0; i < TM; ++i)
+    for (int j = 0; j < TJ; ++j) acc[i][j] = P::zero();
+  int64_t k = 0;
+  for (; k + P::values <= K; k += P::values) {
+    // A's rows split once per step (2 TJ registers); each token's x split as it is used, so
+    // 16 AVX2 registers hold the tile (TM = 4, TJ = 2: 8 sums + 4 A halves + 2 x halves).
+    typename P::V alo[TJ], ahi[TJ];
+    for (int j = 0; j < TJ; ++j) {
+      __builtin_prefetch(reinterpret_cast<const char*>(a_rows[j] + k) + kPrefetchAhead, 0, 3);
+      const auto w = P::load(a_rows[j] + k);
+      alo[j] = P::lo(w);
+      ahi[j] = P::hi(w);
+    }
+    for (int i = 0; i < TM; ++i) {
+      const auto w = P::load(x_rows[i] + k);
+      const typename P::V xlo = P::lo(w), xhi = P::hi(w);
+      for (int j = 0; j < TJ; ++j) acc[i][j] = P::fma(xhi, ahi[j], P::fma(xlo, alo[j], acc[i][j]));
+    }
+  }
+  float tail[TM][TJ] = {};
+  for (; k < K; ++k)
+    for (int i = 0; i < TM; ++i)
+      for (int j = 0; j < TJ; ++j) tail[i][j] += widen(x_rows[i][k]) * widen(a_rows[j][k]);
+  for (int i = 0; i < TM; ++i)
+    for (int j = 0; j < TJ; ++j) out[i * out_stride + j] = P::sum(acc[i][j]) + tail[i][j];
+}
+#endif
+
 template <typename scalar_t, typename acc_t>
 void dot_tile_any(int tm, int tj, const scalar_t* const* xr, const scalar_t* const* ar, int64_t K, acc_t* out, int64_t stride) {
   switch (tm * 4 + tj) {
@@ -88,6 +151,75 @@ void dot_tile_any(int tm, int tj, const scalar_t* const* xr, const scalar_t* con
     case 4 * 4 + 1: return dot_tile<4, 1>(xr, ar, K, out, stride);
     default: return dot_tile<4, 2>(xr, ar, K, out, stride);
   }
+}
+
+// dst[c * dst_ld + r] = widen(src[r * src_ld + c]) for r < rows, c < cols: the float32 panels
+// of the packed tiles (A^T and B^T) from the adapter as stored. With AVX2, 8 x 8 blocks of
+// 32-bit words go through registers (a float32 value, or a pair of bfloat16 split as in the
+// dot tiles); the rest, and other storage types, element by element.
+#if MILORA_ISA_LEVEL >= 1
+inline void transpose8x8(__m256* r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// Rows [0, rows8) (a multiple of 8) x the leading columns in blocks; returns the columns done.
+inline int64_t pack_transposed_blocks(const float* src, int64_t src_ld, int64_t rows8, int64_t cols, float* dst, int64_t dst_ld) {
+  const int64_t cols8 = cols / 8 * 8;
+  for (int64_t r0 = 0; r0 < rows8; r0 += 8)
+    for (int64_t c0 = 0; c0 < cols8; c0 += 8) {
+      __m256 v[8];
+      for (int q = 0; q < 8; ++q) v[q] = _mm256_loadu_ps(src + (r0 + q) * src_ld + c0);
+      transpose8x8(v);
+      for (int m = 0; m < 8; ++m) _mm256_storeu_ps(dst + (c0 + m) * dst_ld + r0, v[m]);
+    }
+  return cols8;
+}
+
+inline int64_t pack_transposed_blocks(const bf16_t* src, int64_t src_ld, int64_t rows8, int64_t cols, float* dst, int64_t dst_ld) {
+  const int64_t cols16 = cols / 16 * 16;
+  const __m256i hi_mask = _mm256_set1_epi32(int(0xFFFF0000u));
+  for (int64_t r0 = 0; r0 < rows8; r0 += 8)
+    for (int64_t c0 = 0; c0 < cols16; c0 += 16) {
+      __m256 v[8];  // word m of a row: bfloat16 c0 + 2m (low half) and c0 + 2m + 1 (high half)
+      for (int q = 0; q < 8; ++q) v[q] = _mm256_loadu_ps(reinterpret_cast<const float*>(src + (r0 + q) * src_ld + c0));
+      transpose8x8(v);
+      for (int m = 0; m < 8; ++m) {
+        const __m256i w = _mm256_castps_si256(v[m]);
+        _mm256_storeu_ps(dst + (c0 + 2 * m) * dst_ld + r0, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+        _mm256_storeu_ps(dst + (c0 + 2 * m + 1) * dst_ld + r0, _mm256_castsi256_ps(_mm256_and_si256(w, hi_mask)));
+      }
+    }
+  return cols16;
+}
+#endif
+
+// Storage types without a block path: nothing done by blocks.
+template <typename scalar_t, typename acc_t>
+int64_t pack_transposed_blocks(const scalar_t*, int64_t, int64_t, int64_t, acc_t*, int64_t) {
+  return 0;
+}
+
+template <typename scalar_t, typename acc_t>
+void pack_transposed(const scalar_t* src, int64_t src_ld, int64_t rows, int64_t cols, acc_t* dst, int64_t dst_ld) {
+  const int64_t rows_done = MILORA_ISA_LEVEL >= 1 ? rows / 8 * 8 : 0;
+  const int64_t cols_done = rows_done > 0 ? pack_transposed_blocks(src, src_ld, rows_done, cols, dst, dst_ld) : 0;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = r < rows_done ? cols_done : 0; c < cols; ++c) dst[c * dst_ld + r] = widen(src[r * src_ld + c]);
 }
 
 // Tokens per packed tile: MR x NVEC accumulators plus NVEC panel loads and one broadcast
