@@ -1,6 +1,6 @@
 """The instruction-set level of the CPU LoRA kernels (runtime dispatch, see csrc/cpu/isa.h).
 
-The kernels are compiled once per level (default, avx2, avx512, avx512_bf16) and the highest
+The kernels are compiled once per level (default, avx2, avx512, avx512_bf16, amx) and the highest
 level the machine runs is chosen when the library loads. The environment variable
 MILORA_CPU_CAPABILITY (read once, at the first CPU call) forces a lower level;
 `set_cpu_capability` switches it in-process (tests use it to run every level).
@@ -14,7 +14,7 @@ import torch
 _OPS = torch.ops.milora_ext
 
 # Every level, lowest first.
-LEVELS = ("default", "avx2", "avx512", "avx512_bf16")
+LEVELS = ("default", "avx2", "avx512", "avx512_bf16", "amx")
 
 
 def cpu_capability() -> str:

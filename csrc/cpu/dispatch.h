@@ -5,7 +5,7 @@
 
 namespace milora::cpu {
 
-// Name of the level the kernels use now: "default", "avx2", "avx512" or "avx512_bf16".
+// Name of the level the kernels use now: "default", "avx2", "avx512", "avx512_bf16" or "amx".
 std::string cpu_capability_op();
 // The highest level this machine (and build) can run.
 std::string max_cpu_capability_op();

@@ -16,8 +16,8 @@
 //   expand:   y[t, :] += sum_e B[p,e] @ U[t, e, :] over the experts active for t's sequence,
 //             in column chunks (256, narrower when that leaves threads idle) so a chunk of B
 //             stays in cache for all the adapter's tokens.
-// Runs of batch-adjacent sequences of one adapter and expert set with at least kGemmMinTokens
-// tokens (prefill) skip the phases: their LoRA term is two ATen GEMMs over their own rows
+// Runs of batch-adjacent sequences of one adapter and expert set with at least gemm_min_tokens
+// tokens (prefill; the level decides, cpu/isa.h) skip the phases: their LoRA term is two ATen GEMMs over their own rows
 // (add_gated_lora_gemm), the blocked code the base product uses. In the phases, long token
 // lists / adapters go through packed GEMM-like tiles (A^T / B^T packed to float32 panels once
 // per work item); the others (decode: a few tokens per adapter) through dot tiles that read A
@@ -31,7 +31,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -42,17 +41,7 @@
 namespace milora::cpu {
 namespace {
 
-// A run of sequences this long takes the ATen GEMM route (add_gated_lora_gemm). Measured on
-// a 2-core Sapphire Rapids, bf16 4096 x 4096, R = 16, one run of L tokens, LoRA phases in us,
-// tiles / GEMM route: AVX-512-BF16 L=64 142/230, 128 273/348, 256 562/446; AVX2 L=64 213/238,
-// 128 445/369. The ATen route has a fixed cost (oneDNN's small-M products) the tiles do not.
-constexpr int64_t kGemmMinTokens = 128;
-// Shrink: float32 token lists this long use packed tiles (shorter ones: dot tiles, whose reads
-// of A cost less than packing it). 16-bit storage stays on the dot tiles at every length: they
-// multiply pairs of stored values without widening each one (vdpbf16ps, or the pair split of
-// lora_tiles.h), which beat the float32 panels at 64 to 1024 tokens on AVX2 and AVX-512.
-constexpr int64_t kShrinkPackedMinTokens = 128;
-constexpr int64_t kPackedMinTokens = 16;  // expand: adapters with this many tokens use packed tiles
+constexpr int64_t kPackedMinTokens = 16;  // expand (float64): adapters with this many tokens use packed tiles
 constexpr int64_t kPackedRows = 6;        // tokens per packed tile (lora_tiles.h)
 constexpr int64_t kPackedMinChunk = 48;   // tokens per packed shrink work item: at least...
 constexpr int64_t kPackedMaxChunk = 1024; // ...and at most
@@ -166,11 +155,7 @@ void lora_shrink(const LoraOperands<S, A>& op, const std::vector<TokenList>& lis
   RECORD_FUNCTION("milora::lora_shrink_cpu", std::vector<c10::IValue>());
   const int64_t E = op.E, R = op.R, K = op.K, Rpad = op.Rpad;
   const int64_t threads = at::get_num_threads();
-  // float64 (the reference dtype) keeps the packed tiles from kPackedMinTokens on: their
-  // single accumulation chain per output is what its accuracy tests were calibrated on.
-  const int64_t packed_min_tokens = std::is_same_v<S, double> ? kPackedMinTokens
-                                    : sizeof(S) == 2          ? std::numeric_limits<int64_t>::max()
-                                                              : kShrinkPackedMinTokens;
+  const int64_t packed_min_tokens = kern.shrink_packed_min_tokens;  // the level's choice (cpu/isa.h)
   std::vector<ShrinkItem> items;
   int64_t macs = 0;
   for (int64_t l = 0; l < static_cast<int64_t>(lists.size()); ++l) {
@@ -363,7 +348,7 @@ void lora_expand(const LoraOperands<S, A>& op, const LoraPlan& plan, const Activ
 }
 
 // Runs of batch-adjacent sequences of one adapter and one set of active experts with at least
-// kGemmMinTokens tokens (prefill; a chunk of requests sharing an adapter) take their LoRA term
+// gemm_min_tokens tokens (prefill; a chunk of requests sharing an adapter) take their LoRA term
 // through ATen's GEMM (oneDNN: AMX tiles or AVX-512 blocking, the same code as the base
 // product) instead of the hand-written tiles: at these sizes the shrink and expand are thin
 // GEMMs whose cost is one more pass over x and y, which a blocked GEMM does at memory speed.
@@ -379,7 +364,7 @@ bool same_active_experts(const float* gates, int64_t a, int64_t b, int64_t E) {
 }
 
 // Moves the runs out of the plan (groups left empty are dropped); gates: [S, E] float32.
-std::vector<GemmRun> take_gemm_runs(LoraPlan& plan, const float* gates, int64_t E) {
+std::vector<GemmRun> take_gemm_runs(LoraPlan& plan, const float* gates, int64_t E, int64_t min_tokens) {
   std::vector<GemmRun> runs;
   for (const auto& grp : plan.groups) {
     size_t i = 0;
@@ -387,7 +372,7 @@ std::vector<GemmRun> take_gemm_runs(LoraPlan& plan, const float* gates, int64_t 
       size_t j = i + 1;
       while (j < grp.seqs.size() && grp.seqs[j] == grp.seqs[j - 1] + 1 && same_active_experts(gates, grp.seqs[i], grp.seqs[j], E))
         ++j;
-      if (plan.seq_begin(grp.seqs[j - 1] + 1) - plan.seq_begin(grp.seqs[i]) >= kGemmMinTokens)
+      if (plan.seq_begin(grp.seqs[j - 1] + 1) - plan.seq_begin(grp.seqs[i]) >= min_tokens)
         runs.push_back(GemmRun{grp.seqs[i], grp.seqs[j - 1] + 1, grp.adapter});
       i = j;
     }
@@ -483,6 +468,15 @@ const LoraKernels<S, A>& kernels_of(const KernelTable& t) {
   }
 }
 
+// The level's GEMM-route threshold for x's dtype (float64 never takes the route).
+int64_t gemm_min_tokens(const KernelTable& t, at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kBFloat16: return t.bf16.gemm_min_tokens;
+    case at::kHalf: return t.f16.gemm_min_tokens;
+    default: return t.f32.gemm_min_tokens;
+  }
+}
+
 template <typename scalar_t>
 void add_gated_lora(
     at::Tensor& y,             // [T, N] contiguous, x's dtype
@@ -546,7 +540,8 @@ at::Tensor gated_lora_linear_cpu(
   // float64 stays on the tiles: it is the reference dtype, whose LoRA term keeps one rounding.
   if (!plan.groups.empty() && x.scalar_type() != at::kDouble) {
     const float* g = gates_acc.data_ptr<float>();  // [S, E] (float32 accumulation)
-    for (const GemmRun& run : take_gemm_runs(plan, g, sh.E)) add_gated_lora_gemm(y, x2, lora_a, lora_b, g, plan, run);
+    const int64_t min_tokens = gemm_min_tokens(active_kernels(), x.scalar_type());
+    for (const GemmRun& run : take_gemm_runs(plan, g, sh.E, min_tokens)) add_gated_lora_gemm(y, x2, lora_a, lora_b, g, plan, run);
   }
   if (!plan.groups.empty()) {
     const c10::MaybeOwned<at::Tensor> a = lora_a.expect_contiguous();  // [P, E, R, K]

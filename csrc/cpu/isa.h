@@ -26,8 +26,9 @@ enum class CpuCapability : int {
   kAvx2 = 1,        // AVX2 + FMA + F16C
   kAvx512 = 2,      // AVX-512 F/BW/VL/DQ
   kAvx512Bf16 = 3,  // + AVX-512-BF16 (bfloat16 dot products and conversions)
+  kAmx = 4,         // + AMX-TILE and AMX-BF16, with the OS's permission for the tile state
 };
-constexpr int kNumCapabilities = 4;
+constexpr int kNumCapabilities = 5;
 
 // One shrink work item: raw dot products, no gate (applied when the U rows are finalised),
 //   out[t * E * Rpad + e * Rpad + r] = sum_{k0 <= k < k1} x[t, k] * A[e, r, k]
@@ -71,9 +72,12 @@ struct ExpandJob {
 
 // Scratch (in accumulation-type elements) an expand_list item needs.
 // (float32 panels of the B^T chunk, R rows of the chunk rounded up to 32 columns, per expert;
-// this also holds the bfloat16 pair-packed chunk plus the U pairs of 4 tokens, twice over)
+// this also holds the bfloat16 pair-packed chunk plus the U pairs of 4 tokens, twice over;
+// and, for the AMX tiles, up to 15 zero rows of pairs beyond the experts' and the U pairs of
+// 16 tokens)
 static constexpr int64_t expand_list_scratch(int64_t nexperts, int64_t R, int64_t cols) {
-  return nexperts * (R + 1) * ((cols + 31) / 32 * 32) + 2 * 4 * nexperts * ((R + 31) / 32 * 16);
+  return nexperts * (R + 1) * ((cols + 31) / 32 * 32) + 2 * 4 * nexperts * ((R + 31) / 32 * 16) +
+         16 * ((cols + 31) / 32 * 32) + 16 * (nexperts * ((R + 1) / 2) + 16);
 }
 
 template <typename S, typename A>
@@ -85,6 +89,11 @@ struct LoraKernels {
   // Optional (nullptr where the level has none): the whole expand of one token list over
   // columns [n0, n1), whatever its length; scratch: expand_list_scratch values.
   void (*expand_list)(const ExpandJob<S, A>&);
+  // Shrink token lists this long take shrink_packed, shorter ones shrink_dot.
+  int64_t shrink_packed_min_tokens;
+  // Runs of batch-adjacent sequences of one adapter and expert set this long take the ATen
+  // GEMM route instead of the kernels above (not float64).
+  int64_t gemm_min_tokens;
 };
 
 // Ranks the AVX-512-BF16 dot expand handles (B rows read 32 bfloat16 at a time: R | 32 or
@@ -109,6 +118,7 @@ const KernelTable* kernels_default();
 const KernelTable* kernels_avx2();
 const KernelTable* kernels_avx512();
 const KernelTable* kernels_avx512_bf16();
+const KernelTable* kernels_amx();
 
 // cpu/dispatch.cpp
 const KernelTable& active_kernels();          // the table of the level in use

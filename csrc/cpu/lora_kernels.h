@@ -1,7 +1,7 @@
 // The CPU LoRA work items (shrink and expand, dot and packed), compiled once per ISA level by
 // cpu/isa_<level>.cpp, which defines before including this file:
 //   MILORA_ISA_NS     the namespace of that level's copy (milora::cpu::MILORA_ISA_NS)
-//   MILORA_ISA_LEVEL  0 default, 1 AVX2, 2 AVX-512, 3 AVX-512-BF16 (selects the vector types)
+//   MILORA_ISA_LEVEL  0 default, 1 AVX2, 2 AVX-512, 3 AVX-512-BF16, 4 AMX (selects the vector types)
 //   MILORA_ISA_TABLE  the name of the function that returns the level's kernel table
 // and switches the compiler's target for the rest of the unit. Only <cstdint>, <cstring>,
 // <immintrin.h> and plain-data headers are included here: no standard-library or c10 inline
@@ -359,12 +359,11 @@ void expand_list_tile(const uint32_t* panel, int64_t nexp, int64_t R2, int64_t l
   }
 }
 
-inline void expand_list_packed(const ExpandJob<bf16_t, float>& j) {
-  const int64_t E = j.E, R = j.R, Rpad = j.Rpad, N = j.N, R2 = (R + 1) / 2, nexp = j.nexperts;
-  const int64_t cols = j.n1 - j.n0, ld = round_up64(cols, 32);
-  const int64_t us = Rpad / 2;                                // pairs per token and expert in uh
-  uint32_t* panel = reinterpret_cast<uint32_t*>(j.scratch);  // [nexp][R2][ld]
-  uint32_t* uh = panel + nexp * R2 * ld;                      // [kListTokens][nexp][us]
+// The list's B over columns [n0, n1) in vdpbf16ps' pair layout: panel[q][r2][c] (rows of all
+// experts stacked, ld = cols rounded up to 32, zero beyond the chunk).
+inline void pack_b_pairs(const ExpandJob<bf16_t, float>& j, uint32_t* panel, int64_t ld) {
+  const int64_t R = j.R, N = j.N, R2 = (R + 1) / 2, nexp = j.nexperts;
+  const int64_t cols = j.n1 - j.n0;
   for (int64_t q = 0; q < nexp; ++q) {
     const uint16_t* b_rows = reinterpret_cast<const uint16_t*>(j.b + (j.experts[q] * N + j.n0) * R);
     uint32_t* pq = panel + q * R2 * ld;
@@ -387,6 +386,15 @@ inline void expand_list_packed(const ExpandJob<bf16_t, float>& j) {
     for (int64_t r2 = 0; r2 < R2; ++r2)
       for (int64_t cc = cols; cc < ld; ++cc) pq[r2 * ld + cc] = 0u;
   }
+}
+
+inline void expand_list_packed(const ExpandJob<bf16_t, float>& j) {
+  const int64_t E = j.E, R = j.R, Rpad = j.Rpad, N = j.N, R2 = (R + 1) / 2, nexp = j.nexperts;
+  const int64_t cols = j.n1 - j.n0, ld = round_up64(cols, 32);
+  const int64_t us = Rpad / 2;                                // pairs per token and expert in uh
+  uint32_t* panel = reinterpret_cast<uint32_t*>(j.scratch);  // [nexp][R2][ld]
+  uint32_t* uh = panel + nexp * R2 * ld;                      // [kListTokens][nexp][us]
+  pack_b_pairs(j, panel, ld);
   for (int64_t i0 = 0; i0 < j.ntokens; i0 += kListTokens) {
     const int mt = static_cast<int>(min64(kListTokens, j.ntokens - i0));
     bf16_t* y_rows[kListTokens];
@@ -436,17 +444,82 @@ template <>
 constexpr void (*expand_list_of<double, double>())(const ExpandJob<double, double>&) {
   return nullptr;
 }
-#if MILORA_ISA_LEVEL >= 3
+#if MILORA_ISA_LEVEL == 3
 template <>
 constexpr void (*expand_list_of<bf16_t, float>())(const ExpandJob<bf16_t, float>&) {
   return &expand_list_bf16;
 }
 #endif
 
+#if MILORA_ISA_LEVEL >= 4
+#include "cpu/lora_amx.h"
+template <>
+constexpr void (*expand_list_of<bf16_t, float>())(const ExpandJob<bf16_t, float>&) {
+  return &expand_list_amx;
+}
+#endif
+
+// Where the shrink's packed items start (token list length):
+//   float64 (the reference dtype): kFloat64PackedMin, the packed tiles' single accumulation
+//     chain per output being what its accuracy tests were calibrated on;
+//   float32: kFloat32PackedMin (shorter lists: dot tiles, whose reads of A cost less than
+//     packing it);
+//   16-bit storage: never before AMX. The dot tiles multiply pairs of stored values without
+//     widening each one (vdpbf16ps, or the pair split of lora_tiles.h), which beat the float32
+//     panels at 64 to 1024 tokens on AVX2 and AVX-512 (measured, bf16 4096 x 4096, R = 16);
+//   bfloat16 with AMX: kAmxMinTokens, the tiles (lora_amx.h).
+constexpr int64_t kFloat64PackedMin = 16;
+constexpr int64_t kFloat32PackedMin = 128;
+constexpr int64_t kNeverPacked = int64_t(1) << 62;
+
+template <typename S>
+constexpr int64_t shrink_packed_min_of() {
+  return sizeof(S) == 8 ? kFloat64PackedMin : sizeof(S) == 4 ? kFloat32PackedMin : kNeverPacked;
+}
+#if MILORA_ISA_LEVEL >= 4
+template <>
+constexpr int64_t shrink_packed_min_of<bf16_t>() {
+  return kAmxMinTokens;
+}
+template <typename S, typename A>
+constexpr void (*shrink_packed_of())(const ShrinkJob<S, A>&) {
+  return &shrink_packed<S, A>;
+}
+template <>
+constexpr void (*shrink_packed_of<bf16_t, float>())(const ShrinkJob<bf16_t, float>&) {
+  return &shrink_amx;
+}
+#else
+template <typename S, typename A>
+constexpr void (*shrink_packed_of())(const ShrinkJob<S, A>&) {
+  return &shrink_packed<S, A>;
+}
+#endif
+
+// Where a run of batch-adjacent sequences takes the ATen GEMM route (oneDNN; AMX where the CPU
+// has it) instead of these kernels. Measured on a 2-core Sapphire Rapids, bf16 4096 x 4096,
+// R = 16, one run of L tokens, LoRA phases in us, these kernels / GEMM route:
+//   AVX-512-BF16 L=64 142/230, 128 273/348, 256 562/446; AVX2 L=64 213/238, 128 445/369
+//   (the ATen route has a fixed cost, oneDNN's small-M products, the vector tiles do not);
+//   AMX L=64 102/197, 256 309/461, 1024 1095/1601: the tiles win at every length, so
+//   bfloat16 never takes the route there.
+constexpr int64_t kGemmMinTokens = 128;
+
+template <typename S>
+constexpr int64_t gemm_min_of() {
+  return kGemmMinTokens;
+}
+#if MILORA_ISA_LEVEL >= 4
+template <>
+constexpr int64_t gemm_min_of<bf16_t>() {
+  return kNeverPacked;
+}
+#endif
+
 template <typename S, typename A>
 constexpr LoraKernels<S, A> kernels_for() {
-  return LoraKernels<S, A>{&shrink_dot<S, A>, &shrink_packed<S, A>, &expand_dot<S, A>, &expand_packed<S, A>,
-                          expand_list_of<S, A>()};
+  return LoraKernels<S, A>{&shrink_dot<S, A>, shrink_packed_of<S, A>(), &expand_dot<S, A>, &expand_packed<S, A>,
+                          expand_list_of<S, A>(), shrink_packed_min_of<S>(), gemm_min_of<S>()};
 }
 
 }  // namespace milora::cpu::MILORA_ISA_NS

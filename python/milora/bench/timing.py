@@ -195,7 +195,7 @@ def _milora_cpu_level() -> str:
 
 def _cpu_flags() -> str:
     """The SIMD flags that decide which kernels run (from /proc/cpuinfo; '' elsewhere)."""
-    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_tile")
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_tile", "amx_bf16")
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

@@ -1,0 +1,173 @@
+// bfloat16 shrink and expand on AMX tiles (MILORA_ISA_LEVEL 4). Included only by
+// cpu/lora_kernels.h, inside namespace milora::cpu::MILORA_ISA_NS, after the AVX-512-BF16 code.
+//
+// Where the base product runs on AMX (oneDNN does, on these CPUs), the LoRA term's few percent
+// of the multiply-adds cost a multiple of that on vector units: one TDPBF16PS does 16 x 16 x 32
+// products. Token lists of kAmxMinTokens or more take the tiles; shorter ones (decode with one
+// or two tokens per adapter, bound by reading A and B) keep the AVX-512-BF16 code.
+//
+// Tiles (palette 1): tmm0 = C (m tokens x 16 float32 sums), tmm1 = the left operand (m tokens
+// x up to 32 bfloat16), tmm2 = the right operand in pair layout (up to 16 rows of 16 32-bit
+// words, each word the bfloat16 pair (2p, 2p + 1) of the reduced dimension for one column).
+// LDTILECFG zeroes every tile, so a configuration only changes between output blocks.
+
+constexpr int64_t kAmxMinTokens = 16;
+
+struct alignas(64) AmxConfig {
+  uint8_t palette;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// C: m x 64 bytes; left operand: m x left_bytes; right operand: right_rows x 64 bytes.
+inline void amx_configure(int m, int left_bytes, int right_rows) {
+  AmxConfig c;
+  std::memset(&c, 0, sizeof(c));
+  c.palette = 1;
+  c.colsb[0] = 64;
+  c.rows[0] = static_cast<uint8_t>(m);
+  c.colsb[1] = static_cast<uint16_t>(left_bytes);
+  c.rows[1] = static_cast<uint8_t>(m);
+  c.colsb[2] = 64;
+  c.rows[2] = static_cast<uint8_t>(right_rows);
+  _tile_loadconfig(&c);
+}
+
+// panel[p * ld + r] = the bfloat16 pair (A[r, 2p], A[r, 2p + 1]) as one word, for pairs
+// p < np and rows r < ld (rows >= R are 0): A^T in the tiles' pair layout. 8 x 8 blocks of
+// words through registers (transpose8x8), the rest word by word.
+inline void pack_a_pairs(const bf16_t* a, int64_t K, int64_t R, int64_t np, uint32_t* panel, int64_t ld) {
+  const int64_t np8 = np / 8 * 8;
+  for (int64_t r0 = 0; r0 < ld; r0 += 8) {
+    for (int64_t p0 = 0; p0 < np8; p0 += 8) {
+      __m256 v[8];
+      for (int q = 0; q < 8; ++q)
+        v[q] = r0 + q < R ? _mm256_loadu_ps(reinterpret_cast<const float*>(a + (r0 + q) * K + 2 * p0)) : _mm256_setzero_ps();
+      transpose8x8(v);
+      for (int m = 0; m < 8; ++m) _mm256_storeu_ps(reinterpret_cast<float*>(panel + (p0 + m) * ld + r0), v[m]);
+    }
+    for (int64_t p = np8; p < np; ++p)
+      for (int64_t r = r0; r < r0 + 8; ++r) {
+        uint32_t w = 0;
+        if (r < R) std::memcpy(&w, a + r * K + 2 * p, 4);
+        panel[p * ld + r] = w;
+      }
+  }
+}
+
+// Packed shrink item on tiles: every expert of the item, tokens [i0, i1), K range [k0, k1)
+// (the whole 32-value steps on tiles, the rest of the range in float32 after them).
+// Scratch: the experts' pair panels, then 16 gathered x rows when a block's tokens are not
+// consecutive rows.
+inline void shrink_amx(const ShrinkJob<bf16_t, float>& j) {
+  const int64_t K = j.K, E = j.E, R = j.R, Rpad = j.Rpad;
+  const int64_t klen = j.k1 - j.k0, k32 = klen / 32 * 32, np = k32 / 2;
+  uint32_t* panels = reinterpret_cast<uint32_t*>(j.scratch);  // [ne][np][Rpad]
+  bf16_t* gathered = reinterpret_cast<bf16_t*>(panels + j.ne * np * Rpad);  // [16][k32]
+  for (int64_t q = 0; q < j.ne; ++q)
+    pack_a_pairs(j.a + j.experts[q] * R * K + j.k0, K, R, np, panels + q * np * Rpad, Rpad);
+  alignas(64) float c[16 * 16];
+  int configured = 0;
+  for (int64_t i = j.i0; i < j.i1; i += 16) {
+    const int m = static_cast<int>(min64(16, j.i1 - i));
+    const int64_t* tok = j.tokens + i;
+    const bf16_t* xs;
+    int64_t x_stride;  // bytes
+    if (tok[m - 1] - tok[0] == m - 1) {  // ascending lists: consecutive rows
+      xs = j.x + tok[0] * K + j.k0;
+      x_stride = K * 2;
+    } else {
+      for (int row = 0; row < m; ++row) std::memcpy(gathered + row * k32, j.x + tok[row] * K + j.k0, k32 * 2);
+      xs = gathered;
+      x_stride = k32 * 2;
+    }
+    if (m != configured && k32 > 0) {
+      amx_configure(m, 64, 16);
+      configured = m;
+    }
+    for (int64_t q = 0; q < j.ne; ++q) {
+      const int64_t e = j.experts[q];
+      const bf16_t* a_rows = j.a + e * R * K;
+      for (int64_t rb = 0; rb < Rpad; rb += 16) {
+        if (k32 > 0) {
+          _tile_zero(0);
+          const uint32_t* pb = panels + q * np * Rpad + rb;
+          for (int64_t kk = 0; kk < k32; kk += 32) {
+            _tile_loadd(1, xs + kk, x_stride);
+            _tile_loadd(2, pb + (kk / 2) * Rpad, Rpad * 4);
+            _tile_dpbf16ps(0, 1, 2);
+          }
+          _tile_stored(0, c, 64);
+        } else {
+          std::memset(c, 0, sizeof(c));
+        }
+        for (int row = 0; row < m; ++row) {
+          float* out = j.out + (tok[row] * E + e) * Rpad + rb;
+          const bf16_t* xr = j.x + tok[row] * K;
+          for (int col = 0; col < 16; ++col) {
+            float sum = c[row * 16 + col];
+            const int64_t r = rb + col;
+            if (r < R)
+              for (int64_t k = j.k0 + k32; k < j.k1; ++k) sum += widen(xr[k]) * widen(a_rows[r * K + k]);
+            out[col] = r < R ? sum : 0.0f;
+          }
+        }
+      }
+    }
+  }
+  if (configured) _tile_release();
+}
+
+// One token list's expand on tiles (kAmxMinTokens tokens or more; fewer: expand_list_bf16).
+// The left operand is the tokens' U rows rounded to bfloat16 pairs, all experts' ranks in a
+// row (kp pairs, padded with 0 to a multiple of 16 when longer than 16, so one configuration
+// serves every step); the right one B's pair panel of pack_b_pairs, whose expert rows are
+// stacked the same way. Scratch: expand_list_scratch values.
+inline void expand_list_amx(const ExpandJob<bf16_t, float>& j) {
+  if (j.ntokens < kAmxMinTokens) return expand_list_bf16(j);
+  const int64_t E = j.E, Rpad = j.Rpad, N = j.N, R2 = (j.R + 1) / 2, nexp = j.nexperts;
+  const int64_t cols = j.n1 - j.n0, ld = round_up64(cols, 32);
+  const int64_t kp = nexp * R2, kp_pad = kp <= 16 ? kp : round_up64(kp, 16), step = min64(16, kp_pad);
+  uint32_t* panel = reinterpret_cast<uint32_t*>(j.scratch);  // [kp_pad][ld]
+  uint32_t* uw = panel + kp_pad * ld;                         // [16][kp_pad]
+  pack_b_pairs(j, panel, ld);
+  for (int64_t p = kp; p < kp_pad; ++p)
+    for (int64_t c = 0; c < ld; ++c) panel[p * ld + c] = 0u;
+  alignas(64) float acc[16 * 16];
+  int configured = 0;
+  for (int64_t i0 = 0; i0 < j.ntokens; i0 += 16) {
+    const int m = static_cast<int>(min64(16, j.ntokens - i0));
+    for (int row = 0; row < m; ++row) {
+      const int64_t t = j.tokens[i0 + row];
+      uint32_t* w = uw + row * kp_pad;
+      for (int64_t q = 0; q < nexp; ++q) {
+        const float* u = j.u + (t * E + j.experts[q]) * Rpad;  // pad lanes 0: an odd R's last pair is (u, 0)
+        int64_t r2 = 0;
+        for (; 2 * r2 + 16 <= j.R; r2 += 8)  // 16 values at once, rounded as _mm512_cvtneps_pbh does
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + q * R2 + r2), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(u + 2 * r2)));
+        for (; r2 < R2; ++r2)
+          w[q * R2 + r2] = static_cast<uint32_t>(float_to_bf16(u[2 * r2])) | (static_cast<uint32_t>(float_to_bf16(u[2 * r2 + 1])) << 16);
+      }
+      for (int64_t p = kp; p < kp_pad; ++p) w[p] = 0u;
+    }
+    if (m != configured) {
+      amx_configure(m, static_cast<int>(step * 4), static_cast<int>(step));
+      configured = m;
+    }
+    for (int64_t c = 0; c < cols; c += 16) {
+      _tile_zero(0);
+      for (int64_t p0 = 0; p0 < kp_pad; p0 += step) {
+        _tile_loadd(1, uw + p0, kp_pad * 4);
+        _tile_loadd(2, panel + p0 * ld + c, ld * 4);
+        _tile_dpbf16ps(0, 1, 2);
+      }
+      _tile_stored(0, acc, 64);
+      const int n = static_cast<int>(min64(16, cols - c));
+      for (int row = 0; row < m; ++row)
+        Vec512{_mm512_load_ps(acc + row * 16)}.add_to(j.y + j.tokens[i0 + row] * N + j.n0 + c, n);
+    }
+  }
+  _tile_release();
+}
