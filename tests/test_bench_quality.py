@@ -106,3 +106,27 @@ def test_milora_lr_scales_change_only_their_groups(tmp_path):
     assert any(v for n, v in moved.items() if n.startswith("routers."))  # default: the routers train
     tr, _ = trained(Recipe(lr=1e-2, batch=8, router_lr_scale=0.0, milora_lr_scale=0.0), method="moelora")
     assert [g["lr_scale"] for g in tr.opt.param_groups] == [1.0]
+
+
+def test_router_freeze_stops_only_the_routers(tmp_path):
+    """Recipe.router_freeze_at: after that fraction of the steps milora's routers get learning
+    rate 0 (their weights stop moving) while its LoRA weights keep training."""
+    from milora.bench.quality_methods import MethodTrainer, Recipe, choose_ranks
+    from milora.bench.quality_model import load_base
+    from milora.bench.quality_tasks import MIXES, TrainStream
+
+    base, _, _ = load_base("micro", str(tmp_path), log=lambda *a: None)
+    stream = TrainStream(MIXES["mixed"], 0)
+    batches = [stream.batch(8) for _ in range(6)]
+    recipe = Recipe(lr=1e-2, batch=8, router_freeze_at=0.5)
+    tr = MethodTrainer("milora", base, choose_ranks(base, 4, recipe)["milora"], recipe, 0, 6, str(tmp_path))
+    snapshot = lambda: {n: p.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad}  # noqa: E731
+    start = snapshot()
+    tr.train_to(3, batches)  # steps 0-2: before the freeze, everything trains
+    mid = snapshot()
+    assert any(not torch.equal(start[n], mid[n]) for n in mid if n.startswith("routers."))
+    tr.train_to(6, batches)  # steps 3-5: routers frozen
+    end = snapshot()
+    assert all(torch.equal(mid[n], end[n]) for n in end if n.startswith("routers."))
+    assert any(not torch.equal(mid[n], end[n]) for n in end if "lora_b" in n)
+    assert [g["lr"] for g in tr.opt.param_groups if g.get("router")] == [0.0]

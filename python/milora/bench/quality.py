@@ -53,6 +53,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="milora only: multiply the learning rate of its LoRA weights (default 1)")
     p.add_argument("--router-lr-scale", type=float, default=Recipe.router_lr_scale,
                    help="milora only: multiply the learning rate of its layer routers (default 1)")
+    p.add_argument("--router-freeze-at", type=float, default=Recipe.router_freeze_at, metavar="FRACTION",
+                   help="milora only: stop training its routers after this fraction of the steps (default 1 = never)")
     p.add_argument("--milora-opt", nargs="+", default=[], metavar="FIELD=VALUE",
                    help="MiLoRAConfig overrides for milora, e.g. top_k=3 gate_mode=hard load_balance_coef=0.1")
     p.add_argument("--moelora-opt", nargs="+", default=[], metavar="FIELD=VALUE", help="MiLoRAConfig overrides for moelora")
@@ -143,7 +145,8 @@ def run(model_name: str = "tiny", mixes: Sequence[str] = ("mixed", "interference
                                        config=(plans[m]["config"].to_dict() if plans[m]["config"] is not None else
                                                {"peft": True, "r": plans[m]["rank"], "alpha": 2 * plans[m]["rank"]}),
                                        lr=recipe.lr, batch=recipe.batch, n_eval=n_eval,
-                                       lr_scales=({"lora": recipe.milora_lr_scale, "router": recipe.router_lr_scale}
+                                       lr_scales=({"lora": recipe.milora_lr_scale, "router": recipe.router_lr_scale,
+                                                   "router_freeze_at": recipe.router_freeze_at}
                                                   if m == "milora" else None),
                                        train_seconds=round(train_s[m], 2))
                             if m == "milora" and rstats is not None:
@@ -217,8 +220,11 @@ def run_cli(args, device) -> List[Dict]:
         v = getattr(args, name)
         if not (v >= 0 and v < float("inf")):
             raise SystemExit(f"milora-bench quality: --{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+    if not (0.0 <= args.router_freeze_at <= 1.0):
+        raise SystemExit(f"milora-bench quality: --router-freeze-at must be a fraction in [0, 1], got {args.router_freeze_at}")
     recipe = Recipe(lr=args.lr, batch=args.batch, milora_lr_scale=args.milora_lr_scale,
-                    router_lr_scale=args.router_lr_scale, milora=_parse_opts(args.milora_opt), moelora=_parse_opts(args.moelora_opt))
+                    router_lr_scale=args.router_lr_scale, router_freeze_at=args.router_freeze_at,
+                    milora=_parse_opts(args.milora_opt), moelora=_parse_opts(args.moelora_opt))
     recs = run(args.model, args.mixes, args.methods, args.seeds, args.steps, args.eval_at, args.rank, recipe,
                args.eval_per_task, args.cache_dir, args.progress)
     print(format_table(recs))

@@ -14,11 +14,9 @@ printed and recorded. Routers are counted.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.nn as nn
@@ -43,6 +41,9 @@ class Recipe:
     # its layer routers; docs/training.md has what they did on the suite
     milora_lr_scale: float = 1.0
     router_lr_scale: float = 1.0
+    # fraction of the steps after which milora's routers stop training (learning rate 0), so
+    # the LoRA modules finish on a fixed routing; 1.0 = never
+    router_freeze_at: float = 1.0
     # MiLoRA / MOELoRA router settings (MiLoRAConfig fields) applied to the routed methods
     milora: Dict = field(default_factory=dict)
     moelora: Dict = field(default_factory=dict)
@@ -131,7 +132,7 @@ class MethodTrainer:
             router = [p for n, p in named if n.startswith("routers.")]
             lora = [p for n, p in named if not n.startswith("routers.")]
             groups = [dict(params=lora, lr_scale=recipe.milora_lr_scale),
-                      dict(params=router, lr_scale=recipe.router_lr_scale)]
+                      dict(params=router, lr_scale=recipe.router_lr_scale, router=True)]
         self.opt = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=0.0)
 
     def train_to(self, step: int, stream_batches: List) -> float:
@@ -143,8 +144,10 @@ class MethodTrainer:
             b = train_batch(ex)
             if self.method == "lora":
                 b.pop("prompt_mask")
+            frozen = self.step >= self.recipe.router_freeze_at * self.total
             for g in self.opt.param_groups:
-                g["lr"] = self.recipe.lr * g["lr_scale"] * lr_factor(self.step, self.total, self.recipe.warmup)
+                scale = 0.0 if (frozen and g.get("router")) else g["lr_scale"]
+                g["lr"] = self.recipe.lr * scale * lr_factor(self.step, self.total, self.recipe.warmup)
             loss = self.model(**b).loss
             loss.backward()
             if self.recipe.clip:
