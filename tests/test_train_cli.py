@@ -67,7 +67,7 @@ def test_milora_train_end_to_end(tmp_path, method, capsys):
     rc = main(["--model", str(model_dir), "--train", str(tmp_path / "train.jsonl"), "--eval", str(tmp_path / "eval.jsonl"),
                "--output", str(out), "--method", method, "--rank", "4", "--max-steps", "6", "--batch-size", "8",
                "--lr", "1e-2", "--save-steps", "3", "--logging-steps", "3", "--no-progress"]
-              + (["--gradient-checkpointing"] if method == "milora" else []))
+              + (["--gradient-checkpointing", "--router-freeze-at", "0.5"] if method == "milora" else []))
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == method and summary["steps"] == 6

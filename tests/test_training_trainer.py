@@ -127,3 +127,32 @@ def test_trainer_bf16_mixed_precision_on_cpu(tmp_path):
     assert torch.isfinite(torch.tensor(result.training_loss))
     params = [p for p in model.parameters() if p.requires_grad]
     assert params and all(p.dtype == torch.float32 for p in params)  # float32 masters (bf16 base: test_training_isolation)
+
+
+def test_router_freeze_callback_stops_only_the_routers(tmp_path):
+    from milora.training import RouterFreezeCallback
+    model = _model()
+    routers = lambda: {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("routers.") and p.requires_grad}  # noqa: E731
+    lora = lambda: {n: p.detach().clone() for n, p in model.named_parameters() if "lora_b" in n and p.requires_grad}  # noqa: E731
+    r0, l0 = routers(), lora()
+    assert r0 and l0
+    # 4 steps, frozen from step 2: train 2 steps, check, then 2 more
+    args = _args(tmp_path, max_steps=4)
+    trainer = MiLoRATrainer(model=model, args=args, train_dataset=_data(16), data_collator=MiLoRADataCollator(),
+                            callbacks=[RouterFreezeCallback(0.5)])
+    seen = {}
+
+    class Snapshot(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 2:
+                seen["r"], seen["l"] = routers(), lora()
+
+    trainer.add_callback(Snapshot())
+    trainer.train()
+    r2, l2 = seen["r"], seen["l"]
+    r4, l4 = routers(), lora()
+    assert any(not torch.equal(r0[n], r2[n]) for n in r0)      # steps 0-1: the routers train
+    assert all(torch.equal(r2[n], r4[n]) for n in r2)          # steps 2-3: frozen
+    assert any(not torch.equal(l2[n], l4[n]) for n in l2)      # while the LoRA weights keep training
+    with pytest.raises(ValueError, match="fraction"):
+        RouterFreezeCallback(1.5)

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--activation", choices=("rational", "gelu"), default="rational")
     m.add_argument("--gate-mode", choices=("soft", "hard"), default="soft")
     m.add_argument("--load-balance-coef", type=float, default=1e-2)
+    m.add_argument("--router-freeze-at", type=float, default=1.0, metavar="FRACTION",
+                   help="milora: stop training the routers after this fraction of the steps (default 1 = never; "
+                        "0.5 removed late routing collapses on the quality suite, docs/training.md)")
     t = ap.add_argument_group("training (HF Trainer)")
     t.add_argument("--epochs", type=float, default=3.0)
     t.add_argument("--max-steps", type=int, default=-1, help="overrides --epochs when > 0")
@@ -171,6 +174,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    data_collator=collator, processing_class=tok)
     if args.method != "lora":
         trainer.load_balance_coef = args.load_balance_coef
+    if args.method == "milora" and args.router_freeze_at < 1.0:
+        from .training import RouterFreezeCallback
+        trainer.add_callback(RouterFreezeCallback(args.router_freeze_at))
     result = trainer.train()
     trainer.save_model(args.output)
     summary: Dict = {"method": args.method, "model": args.model, "trainable_params": n_trainable,

@@ -266,10 +266,43 @@ def _make_trainer_class():
     return MiLoRATrainer
 
 
+def _make_router_freeze_callback():
+    from transformers import TrainerCallback
+
+    class RouterFreezeCallback(TrainerCallback):
+        """Stops training the layer routers of prompt-routed (MiLoRA) adapters once `at` of the
+        training steps are done: from then on their gradients are dropped just before each
+        optimizer step (after clipping, so DDP's reduction is untouched), and the LoRA modules
+        finish training on a routing that no longer moves. On the quality suite this removed
+        late collapses where a near-uniform router re-routed a task's prompts to modules not
+        trained on them (docs/training.md, "Router freeze"). at=1.0 never freezes. FSDP1 with
+        flattened parameters is not supported (the routers' gradients are not separate there)."""
+
+        def __init__(self, at: float = 0.5):
+            if not (0.0 <= at <= 1.0):
+                raise ValueError(f"RouterFreezeCallback: at must be a fraction of the steps in [0, 1], got {at}")
+            self.at = at
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if state.max_steps <= 0 or state.global_step < self.at * state.max_steps:
+                return
+            inner = _unwrap(model)
+            if inner is None:
+                return
+            for router in inner.routers:
+                for p in router.parameters():
+                    p.grad = None
+
+    return RouterFreezeCallback
+
+
+_LAZY = {"MiLoRATrainer": _make_trainer_class, "RouterFreezeCallback": _make_router_freeze_callback}
+
+
 def __getattr__(name: str):
-    # MiLoRATrainer is built on first use, so `import milora` does not import Trainer.
-    if name == "MiLoRATrainer":
-        cls = _make_trainer_class()
-        globals()["MiLoRATrainer"] = cls
+    # Built on first use, so `import milora` does not import transformers' Trainer.
+    if name in _LAZY:
+        cls = _LAZY[name]()
+        globals()[name] = cls
         return cls
     raise AttributeError(name)
