@@ -468,15 +468,6 @@ const LoraKernels<S, A>& kernels_of(const KernelTable& t) {
   }
 }
 
-// The level's GEMM-route threshold for x's dtype (float64 never takes the route).
-int64_t gemm_min_tokens(const KernelTable& t, at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kBFloat16: return t.bf16.gemm_min_tokens;
-    case at::kHalf: return t.f16.gemm_min_tokens;
-    default: return t.f32.gemm_min_tokens;
-  }
-}
-
 template <typename scalar_t>
 void add_gated_lora(
     at::Tensor& y,             // [T, N] contiguous, x's dtype
@@ -484,13 +475,20 @@ void add_gated_lora(
     const at::Tensor& lora_a,  // [P, E, R, K] contiguous
     const at::Tensor& lora_b,  // [P, E, N, R] contiguous
     const at::Tensor& gates,   // [S, E] contiguous, accumulation dtype
-    const LoraPlan& plan,
+    LoraPlan& plan,
     const GatedLoraShape& sh) {
   using S = typename KernelStorage<scalar_t>::type;
   using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   static_assert(sizeof(S) == sizeof(scalar_t));
   const KernelTable& table = active_kernels();
   const LoraKernels<S, A>& kern = kernels_of<S, A>(table);
+  // Long runs first, through ATen's GEMM where the level says so; they leave the plan. float64
+  // stays on the tiles: it is the reference dtype, whose LoRA term keeps one rounding.
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    const float* g = gates.data_ptr<float>();
+    for (const GemmRun& run : take_gemm_runs(plan, g, sh.E, kern.gemm_min_tokens)) add_gated_lora_gemm(y, x, lora_a, lora_b, g, plan, run);
+    if (plan.groups.empty()) return;
+  }
   const int64_t Rpad = round_up(sh.R, std::is_same_v<A, double> ? table.lanes64 : table.lanes32);
   // U scratch [T, E, Rpad]: a buffer kept per calling thread for decode-sized calls (no
   // allocation per step); large prefills get their own, freed on return.
@@ -537,12 +535,6 @@ at::Tensor gated_lora_linear_cpu(
   const at::ScalarType acc = accumulate_type(x.scalar_type());
   const at::Tensor gates_acc = gates.scalar_type() == acc && gates.is_contiguous() ? gates : gates.to(acc).contiguous();  // [S, E]
   LoraPlan plan = plan_by_adapter(seq_offsets, adapter_ids, &gates_acc);
-  // float64 stays on the tiles: it is the reference dtype, whose LoRA term keeps one rounding.
-  if (!plan.groups.empty() && x.scalar_type() != at::kDouble) {
-    const float* g = gates_acc.data_ptr<float>();  // [S, E] (float32 accumulation)
-    const int64_t min_tokens = gemm_min_tokens(active_kernels(), x.scalar_type());
-    for (const GemmRun& run : take_gemm_runs(plan, g, sh.E, min_tokens)) add_gated_lora_gemm(y, x2, lora_a, lora_b, g, plan, run);
-  }
   if (!plan.groups.empty()) {
     const c10::MaybeOwned<at::Tensor> a = lora_a.expect_contiguous();  // [P, E, R, K]
     const c10::MaybeOwned<at::Tensor> b = lora_b.expect_contiguous();  // [P, E, N, R]

@@ -60,8 +60,6 @@ void shrink_packed(const ShrinkJob<S, A>& j) {
     const S* a_rows = j.a + j.experts[q] * R * K + j.k0;
     A* panel = j.scratch + q * klen * Rpad;
     pack_transposed(a_rows, K, R, klen, panel, Rpad);
-    for (int64_t k = 0; k < klen; ++k)
-      for (int64_t r = R; r < Rpad; ++r) panel[k * Rpad + r] = A(0);
   }
   for (int64_t i = j.i0; i < j.i1; i += kPackedRows) {
     const int mr = static_cast<int>(min64(kPackedRows, j.i1 - i));
@@ -101,8 +99,6 @@ void expand_packed(const ExpandJob<S, A>& j) {
       A* panel = j.scratch + (e - e0) * R * ld;
       const S* b_rows = j.b + (e * N + j.n0) * R;
       pack_transposed(b_rows, R, cols, R, panel, ld);
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t c = cols; c < ld; ++c) panel[r * ld + c] = A(0);
       panel_of[e - e0] = panel;
     }
     for (int64_t si = 0; si < j.nseqs; ++si) {
@@ -194,8 +190,6 @@ void expand_list_f32(const ExpandJob<S, A>& j) {
     A* panel = j.scratch + q * R * ld;
     const S* b_rows = j.b + (e * N + j.n0) * R;
     pack_transposed(b_rows, R, cols, R, panel, ld);
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t c = cols; c < ld; ++c) panel[r * ld + c] = A(0);
     panel_of[e] = panel;
   }
   for (int64_t i0 = 0; i0 < j.ntokens; i0 += kPackedRows) {
@@ -470,29 +464,24 @@ constexpr void (*expand_list_of<bf16_t, float>())(const ExpandJob<bf16_t, float>
 //   bfloat16 with AMX: kAmxMinTokens, the tiles (lora_amx.h).
 constexpr int64_t kFloat64PackedMin = 16;
 constexpr int64_t kFloat32PackedMin = 128;
-constexpr int64_t kNeverPacked = int64_t(1) << 62;
+constexpr int64_t kNever = int64_t(1) << 62;  // a token count no call reaches
 
 template <typename S>
 constexpr int64_t shrink_packed_min_of() {
-  return sizeof(S) == 8 ? kFloat64PackedMin : sizeof(S) == 4 ? kFloat32PackedMin : kNeverPacked;
+  return sizeof(S) == 8 ? kFloat64PackedMin : sizeof(S) == 4 ? kFloat32PackedMin : kNever;
+}
+template <typename S, typename A>
+constexpr void (*shrink_packed_of())(const ShrinkJob<S, A>&) {
+  return &shrink_packed<S, A>;
 }
 #if MILORA_ISA_LEVEL >= 4
 template <>
 constexpr int64_t shrink_packed_min_of<bf16_t>() {
   return kAmxMinTokens;
 }
-template <typename S, typename A>
-constexpr void (*shrink_packed_of())(const ShrinkJob<S, A>&) {
-  return &shrink_packed<S, A>;
-}
 template <>
 constexpr void (*shrink_packed_of<bf16_t, float>())(const ShrinkJob<bf16_t, float>&) {
   return &shrink_amx;
-}
-#else
-template <typename S, typename A>
-constexpr void (*shrink_packed_of())(const ShrinkJob<S, A>&) {
-  return &shrink_packed<S, A>;
 }
 #endif
 
@@ -512,7 +501,7 @@ constexpr int64_t gemm_min_of() {
 #if MILORA_ISA_LEVEL >= 4
 template <>
 constexpr int64_t gemm_min_of<bf16_t>() {
-  return kNeverPacked;
+  return kNever;
 }
 #endif
 

@@ -153,8 +153,9 @@ void dot_tile_any(int tm, int tj, const scalar_t* const* xr, const scalar_t* con
   }
 }
 
-// dst[c * dst_ld + r] = widen(src[r * src_ld + c]) for r < rows, c < cols: the float32 panels
-// of the packed tiles (A^T and B^T) from the adapter as stored. With AVX2, 8 x 8 blocks of
+// dst[c * dst_ld + r] = widen(src[r * src_ld + c]) for r < rows, c < cols, and 0 for
+// rows <= r < dst_ld (the panel's padding, written here so it never holds another tenant's
+// values): the float32 panels of the packed tiles (A^T and B^T) from the adapter as stored. With AVX2, 8 x 8 blocks of
 // 32-bit words go through registers (a float32 value, or a pair of bfloat16 split as in the
 // dot tiles); the rest, and other storage types, element by element.
 #if MILORA_ISA_LEVEL >= 1
@@ -220,6 +221,8 @@ void pack_transposed(const scalar_t* src, int64_t src_ld, int64_t rows, int64_t 
   const int64_t cols_done = rows_done > 0 ? pack_transposed_blocks(src, src_ld, rows_done, cols, dst, dst_ld) : 0;
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = r < rows_done ? cols_done : 0; c < cols; ++c) dst[c * dst_ld + r] = widen(src[r * src_ld + c]);
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t r = rows; r < dst_ld; ++r) dst[c * dst_ld + r] = acc_t(0);
 }
 
 // Tokens per packed tile: MR x NVEC accumulators plus NVEC panel loads and one broadcast

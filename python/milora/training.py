@@ -275,7 +275,7 @@ def _make_router_freeze_callback():
         optimizer step (after clipping, so DDP's reduction is untouched), and the LoRA modules
         finish training on a routing that no longer moves. On the quality suite this removed
         late collapses where a near-uniform router re-routed a task's prompts to modules not
-        trained on them (docs/training.md, "Router freeze"). at=1.0 never freezes. FSDP1 with
+        trained on them (docs/training.md, "Round 3: router freeze"). at=1.0 never freezes. FSDP1 with
         flattened parameters is not supported (the routers' gradients are not separate there)."""
 
         def __init__(self, at: float = 0.5):
