@@ -125,6 +125,7 @@ def test_plot_writes_png(tmp_path):
     (["generate", "--new-tokens", "-1"], "positive integer"),
     (["generate", "--json", "/no/such/dir/out.json"], "does not exist"),
     (["frobnicate"], "invalid choice"),
+    (["quality", "--router-freeze-at", "1.5"], "expected a fraction in [0, 1]"),
 ])
 def test_bad_arguments_give_clear_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

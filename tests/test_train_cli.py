@@ -106,3 +106,14 @@ def test_milora_train_rejects_bad_rows(tmp_path):
     _write(tmp_path / "train.jsonl", [{"question": "a", "answer": "b"}])
     with pytest.raises(ValueError, match="expected fields 'prompt' and 'response', or 'messages'"):
         main(["--model", str(model_dir), "--train", str(tmp_path / "train.jsonl"), "--output", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "half"])
+def test_milora_train_rejects_a_router_freeze_outside_0_1(value, tmp_path, capsys):
+    from milora.train_cli import main
+    with pytest.raises(SystemExit) as e:  # argparse: before any file is read or written
+        main(["--model", str(tmp_path / "m"), "--train", str(tmp_path / "t.jsonl"), "--output", str(tmp_path / "o"),
+              "--router-freeze-at", value])
+    assert e.value.code == 2
+    assert "expected a fraction in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -32,6 +32,17 @@ from .sft_data import PairDataset, PromptMaskCollator, exact_match, read_jsonl, 
 METHODS = ("lora", "moelora", "milora")
 
 
+def fraction(text: str) -> float:
+    """argparse type: a fraction in [0, 1] (also used by `milora-bench quality`)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {v}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="milora-train", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--activation", choices=("rational", "gelu"), default="rational")
     m.add_argument("--gate-mode", choices=("soft", "hard"), default="soft")
     m.add_argument("--load-balance-coef", type=float, default=1e-2)
-    m.add_argument("--router-freeze-at", type=float, default=1.0, metavar="FRACTION",
+    m.add_argument("--router-freeze-at", type=fraction, default=1.0, metavar="FRACTION",
                    help="milora: stop training the routers after this fraction of the steps (default 1 = never; "
                         "0.5 removed late routing collapses on the quality suite, docs/training.md)")
     t = ap.add_argument_group("training (HF Trainer)")

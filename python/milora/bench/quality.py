@@ -35,6 +35,7 @@ QUICK = dict(steps=600, eval_at=None, seeds=[0], mixes=["mixed", "interference"]
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
+    from ..train_cli import fraction
     from .cli import _positive, _non_negative
     p.add_argument("--model", choices=sorted(MODEL_PRESETS), default="tiny",
                    help="base model preset (default tiny: hidden 64, 2 layers), pre-trained in-process and cached")
@@ -53,7 +54,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="milora only: multiply the learning rate of its LoRA weights (default 1)")
     p.add_argument("--router-lr-scale", type=float, default=Recipe.router_lr_scale,
                    help="milora only: multiply the learning rate of its layer routers (default 1)")
-    p.add_argument("--router-freeze-at", type=float, default=Recipe.router_freeze_at, metavar="FRACTION",
+    p.add_argument("--router-freeze-at", type=fraction, default=Recipe.router_freeze_at, metavar="FRACTION",
                    help="milora only: stop training its routers after this fraction of the steps (default 1 = never)")
     p.add_argument("--milora-opt", nargs="+", default=[], metavar="FIELD=VALUE",
                    help="MiLoRAConfig overrides for milora, e.g. top_k=3 gate_mode=hard load_balance_coef=0.1")
@@ -220,8 +221,6 @@ def run_cli(args, device) -> List[Dict]:
         v = getattr(args, name)
         if not (v >= 0 and v < float("inf")):
             raise SystemExit(f"milora-bench quality: --{name.replace('_', '-')} must be a finite number >= 0, got {v}")
-    if not (0.0 <= args.router_freeze_at <= 1.0):
-        raise SystemExit(f"milora-bench quality: --router-freeze-at must be a fraction in [0, 1], got {args.router_freeze_at}")
     recipe = Recipe(lr=args.lr, batch=args.batch, milora_lr_scale=args.milora_lr_scale,
                     router_lr_scale=args.router_lr_scale, router_freeze_at=args.router_freeze_at,
                     milora=_parse_opts(args.milora_opt), moelora=_parse_opts(args.moelora_opt))
