@@ -67,10 +67,11 @@ def test_milora_train_end_to_end(tmp_path, method, capsys):
     rc = main(["--model", str(model_dir), "--train", str(tmp_path / "train.jsonl"), "--eval", str(tmp_path / "eval.jsonl"),
                "--output", str(out), "--method", method, "--rank", "4", "--max-steps", "6", "--batch-size", "8",
                "--lr", "1e-2", "--save-steps", "3", "--logging-steps", "3", "--no-progress"]
-              + (["--gradient-checkpointing", "--router-freeze-at", "0.5"] if method == "milora" else []))
+              + (["--gradient-checkpointing"] if method == "milora" else []))
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == method and summary["steps"] == 6
+    assert summary.get("router_freeze_at") == (0.5 if method == "milora" else None)  # milora's default
     assert summary["trainable_params"] > 0
     assert 0.0 <= summary["exact_match"] <= 1.0 and summary["eval_examples"] == 8
     assert torch.isfinite(torch.tensor([summary["train_loss"], summary["eval_loss"]])).all()
@@ -80,6 +81,12 @@ def test_milora_train_end_to_end(tmp_path, method, capsys):
         files = set(os.listdir(d))
         assert "adapter_model.safetensors" in files, (d, files)
         assert "model.safetensors" not in files and not any(f.endswith((".bin", ".pt", ".pth")) for f in files), files
+    if method == "milora":  # the default freeze at half the steps: routers fixed from step 3, LoRA still training
+        from safetensors.torch import load_file
+        mid, end = (load_file(str(out / c / "adapter_model.safetensors")) for c in ("checkpoint-3", "checkpoint-6"))
+        routers = [k for k in mid if ".router." in k]
+        assert routers and all(torch.equal(mid[k], end[k]) for k in routers)
+        assert any(not torch.equal(mid[k], end[k]) for k in mid if k.endswith("lora_B"))
     from transformers import AutoModelForCausalLM
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     if method == "milora":

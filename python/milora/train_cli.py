@@ -64,9 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--activation", choices=("rational", "gelu"), default="rational")
     m.add_argument("--gate-mode", choices=("soft", "hard"), default="soft")
     m.add_argument("--load-balance-coef", type=float, default=1e-2)
-    m.add_argument("--router-freeze-at", type=fraction, default=1.0, metavar="FRACTION",
-                   help="milora: stop training the routers after this fraction of the steps (default 1 = never; "
-                        "0.5 removed late routing collapses on the quality suite, docs/training.md)")
+    m.add_argument("--router-freeze-at", type=fraction, default=0.5, metavar="FRACTION",
+                   help="milora: stop training the routers after this fraction of the steps (default 0.5, which "
+                        "removed late routing collapses on the quality suite, docs/training.md; 1 = never)")
     t = ap.add_argument_group("training (HF Trainer)")
     t.add_argument("--epochs", type=float, default=3.0)
     t.add_argument("--max-steps", type=int, default=-1, help="overrides --epochs when > 0")
@@ -195,6 +195,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      "train_loss": float(result.training_loss)}
     if args.method != "lora":
         summary["config"] = milora_config_from_args(args).to_dict()
+    if args.method == "milora":
+        summary["router_freeze_at"] = args.router_freeze_at
     if eval_pairs:
         metrics = trainer.evaluate()
         summary["eval_loss"] = float(metrics["eval_loss"])

@@ -55,7 +55,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router-lr-scale", type=float, default=Recipe.router_lr_scale,
                    help="milora only: multiply the learning rate of its layer routers (default 1)")
     p.add_argument("--router-freeze-at", type=fraction, default=Recipe.router_freeze_at, metavar="FRACTION",
-                   help="milora only: stop training its routers after this fraction of the steps (default 1 = never)")
+                   help="milora only: stop training its routers after this fraction of the steps (default 0.5; 1 = never)")
     p.add_argument("--milora-opt", nargs="+", default=[], metavar="FIELD=VALUE",
                    help="MiLoRAConfig overrides for milora, e.g. top_k=3 gate_mode=hard load_balance_coef=0.1")
     p.add_argument("--moelora-opt", nargs="+", default=[], metavar="FIELD=VALUE", help="MiLoRAConfig overrides for moelora")
