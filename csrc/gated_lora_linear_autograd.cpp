@@ -69,6 +69,14 @@ class GatedLoraLinear : public torch::autograd::Function<GatedLoraLinear> {
 at::Tensor gated_lora_linear_autograd(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& seq_offsets, const at::Tensor& adapter_ids, const at::Tensor& gates) {
+  // Serving (no_grad, or nothing that requires grad): no graph node to build, no saved tensors;
+  // straight to the kernel. Decode calls this once per active linear and step.
+  const bool bias_grad = bias.has_value() && bias->defined() && bias->requires_grad();
+  if (!at::GradMode::is_enabled() || !(x.requires_grad() || weight.requires_grad() || bias_grad ||
+                                       lora_a.requires_grad() || lora_b.requires_grad() || gates.requires_grad())) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_forward(x, weight, bias, lora_a, lora_b, seq_offsets, adapter_ids, gates);
+  }
   return GatedLoraLinear::apply(x, weight, bias, lora_a, lora_b, seq_offsets, adapter_ids, gates);
 }
 
