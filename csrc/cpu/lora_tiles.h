@@ -269,6 +269,13 @@ void packed_expand_tile(const acc_t* const* u_rows, const int64_t* experts, int6
                         const acc_t* const* panels, int64_t ld, int64_t R, int64_t Rpad, scalar_t* const* y_rows,
                         int n_valid) {
   using V = Vec<acc_t>;
+  // The y rows this tile adds to (one per token, a row of N apart): fetched while the
+  // multiply-adds run, instead of stalling the epilogue on each row.
+  const bool two_lines = n_valid * sizeof(scalar_t) > 64;
+  for (int i = 0; i < MR; ++i) {
+    __builtin_prefetch(y_rows[i], 1, 3);
+    if (two_lines) __builtin_prefetch(y_rows[i] + n_valid - 1, 1, 3);
+  }
   V acc[MR][NVEC];
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NVEC; ++v) acc[i][v] = V::zero();
