@@ -4,6 +4,7 @@
 // The gradients come from milora_ext::gated_lora_linear_backward (all devices).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <array>
@@ -71,9 +72,7 @@ at::Tensor gated_lora_linear_autograd(
     const at::Tensor& lora_b, const at::Tensor& seq_offsets, const at::Tensor& adapter_ids, const at::Tensor& gates) {
   // Serving (no_grad, or nothing that requires grad): no graph node to build, no saved tensors;
   // straight to the kernel. Decode calls this once per active linear and step.
-  const bool bias_grad = bias.has_value() && bias->defined() && bias->requires_grad();
-  if (!at::GradMode::is_enabled() || !(x.requires_grad() || weight.requires_grad() || bias_grad ||
-                                       lora_a.requires_grad() || lora_b.requires_grad() || gates.requires_grad())) {
+  if (!torch::autograd::compute_requires_grad(x, weight, bias, lora_a, lora_b, gates)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_forward(x, weight, bias, lora_a, lora_b, seq_offsets, adapter_ids, gates);
   }
