@@ -2,7 +2,7 @@
 load average says so, not whenever the rounds disagree."""
 import os
 
-from milora.bench.timing import NOISY_SPREAD, noise_note
+from milora.bench.timing import BASE_CAPS, NOISY_SPREAD, forced_level_note, noise_note
 
 
 def _rec(q1, q3, load):
@@ -27,3 +27,18 @@ def test_spread_under_load_is_a_busy_machine():
 
 def test_unknown_load_keeps_the_busy_wording():
     assert "busy" in noise_note(_rec(1.0, 1.5, load=None))
+
+
+def test_forced_level_note_names_the_uncapped_base_and_how_to_emulate():
+    note = forced_level_note(dict(device="cpu"), level="avx2", best="amx", env={})
+    assert "forced to avx2" in note and "best level is amx" in note
+    assert "ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MILORA_CPU_CAPABILITY=avx2" in note
+
+
+def test_forced_level_note_only_when_forced_on_an_uncapped_cpu():
+    assert forced_level_note(dict(device="cpu"), level="amx", best="amx", env={}) == ""
+    assert forced_level_note(dict(device="cpu"), level="avx2", best="amx", env={"ONEDNN_MAX_CPU_ISA": "AVX2"}) == ""
+    assert forced_level_note(dict(device="cuda:0"), level="avx2", best="amx", env={}) == ""
+    from milora_ext.cpu import LEVELS
+
+    assert tuple(BASE_CAPS) == LEVELS  # one entry per kernel level

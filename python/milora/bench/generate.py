@@ -41,7 +41,7 @@ from .memory import peak_during, tensor_bytes
 from .models import PRESETS as MODEL_PRESETS
 from .models import build_model
 from .progress import Progress
-from .timing import load_average, noise_note, paired_ratio, paired_ratio_spread, time_interleaved
+from .timing import forced_level_note, load_average, noise_note, paired_ratio, paired_ratio_spread, time_interleaved
 
 METHODS = ("base", "lora", "peft", "peft_single", "moelora", "milora_ref", "milora")
 LABELS = {
@@ -566,7 +566,7 @@ MOE_GOAL = 1.2
 
 def _excess_line(r: Dict) -> str:
     """Why a byte-floor target is missed, in one line: the time per step above the floor, per linear."""
-    noisy = noise_note(r)
+    noisy = noise_note(r) or forced_level_note(r)
     if noisy or not r.get("base_median_ms"):
         return noisy
     steps = r["new_tokens"]

@@ -17,7 +17,7 @@ from milora_ext.workloads import adapter_mix, make_problem
 
 from .methods import LABELS, METHODS, build_methods, check_methods, reference_output
 from .progress import Progress
-from .timing import load_average, noise_note, paired_ratio, paired_ratio_spread, time_interleaved
+from .timing import forced_level_note, load_average, noise_note, paired_ratio, paired_ratio_spread, time_interleaved
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,10 @@ class LayerSweep:
 
 PRESETS: Dict[str, LayerSweep] = {
     # `milora-bench` with no arguments: a few rows, seconds on a 2-core CPU
+    # (21 rounds: with 7, stalls of a shared 2-core VM moved a prefill median to 1.64-1.69 where
+    # other runs gave 1.07-1.09, and six runs' medians of one case ranged 0.86-1.12)
     "quick": LayerSweep(shapes=((4096, 4096),), decode_seqs=(16,), prefill=((2, 32),), adapters=(1, 16),
-                        mixes=("distinct",), repeats=9, prefill_repeats=7),
+                        mixes=("distinct",), repeats=21, prefill_repeats=21),
     # the issue's sweep (the default of `milora-bench layer`; long on a CPU, minutes on a GPU)
     "standard": LayerSweep(),
     # mixtures of experts per linear (MOELoRA's 8 experts of rank 4, top-4, and smaller)
@@ -182,7 +184,7 @@ def target_lines(records: List[Dict]) -> List[str]:
         else:
             continue
         if not ok:
-            lines.append(noise_note(r) or "  why: not a busy machine (the rounds agree): the fused op itself is slower "
+            lines.append(noise_note(r) or forced_level_note(r) or "  why: not a busy machine (the rounds agree): the fused op itself is slower "
                          "than its goal here; see docs/benchmarks.md")
     return lines
 

@@ -161,6 +161,43 @@ def noise_note(rec: Dict) -> str:
     return f"  why: the machine was busy ({busy}{spread}); rerun on an idle machine (more --repeats)"
 
 
+# A LoRA kernel level -> the caps that make the base product run as on a CPU whose best level it is:
+# oneDNN's ISA (ONEDNN_MAX_CPU_ISA; below AVX512_CORE oneDNN reports no bfloat16 support and torch's
+# bfloat16 linear takes ATen's own GEMM, as on such a CPU) and ATen's vector level (ATEN_CPU_CAPABILITY).
+BASE_CAPS = {
+    "default": ("SSE41", "default"),
+    "avx2": ("AVX2", "avx2"),
+    "avx512": ("AVX512_CORE", "avx512"),
+    "avx512_bf16": ("AVX512_CORE_BF16", "avx512"),
+    "amx": ("AVX512_CORE_AMX", "avx512"),
+}
+
+
+def forced_level_note(rec: Dict, level: Optional[str] = None, best: Optional[str] = None,
+                      env: Optional[Dict[str, str]] = None) -> str:
+    """'' or one line: on a CPU, the LoRA kernels were forced (MILORA_CPU_CAPABILITY) below the
+    machine's best level while the base product was not capped, so the LoRA share of the time is
+    larger than on a CPU whose best level that is. level / best / env default to this process's."""
+    if not str(rec.get("device", "cpu")).startswith("cpu"):
+        return ""
+    env = os.environ if env is None else env
+    if env.get("ONEDNN_MAX_CPU_ISA"):
+        return ""  # the base is capped too: an emulated machine, judged as it is
+    if level is None or best is None:
+        try:
+            import milora_ext
+
+            level, best = milora_ext.cpu_capability(), milora_ext.max_cpu_capability()
+        except Exception:  # an old build without the query
+            return ""
+    if level == best or level not in BASE_CAPS:
+        return ""
+    onednn, aten = BASE_CAPS[level]
+    return (f"  why: the LoRA kernels were forced to {level} on a CPU whose best level is {best}, but the base "
+            f"product was not (oneDNN still runs {best}), so the LoRA share is larger here than on a {level} CPU; "
+            f"emulate one with ONEDNN_MAX_CPU_ISA={onednn} ATEN_CPU_CAPABILITY={aten} MILORA_CPU_CAPABILITY={level}")
+
+
 def environment(device: torch.device, dtype: Optional[torch.dtype] = None) -> Dict[str, object]:
     """What the numbers were measured on: printed as a header and stored with results."""
     device = torch.device(device)
@@ -178,6 +215,9 @@ def environment(device: torch.device, dtype: Optional[torch.dtype] = None) -> Di
         env["device_name"] = _cpu_name()
         env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # ATen's level (base GEMM side)
         env["milora_cpu_kernels"] = _milora_cpu_level()                  # our LoRA kernels' level
+        for cap in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):         # caps on the base product, if any
+            if os.environ.get(cap):
+                env[cap] = os.environ[cap]
         env["cpu_flags"] = _cpu_flags()
     if dtype is not None:
         env["dtype"] = str(dtype).replace("torch.", "")
