@@ -197,3 +197,21 @@ def test_generate_targets_judge_against_the_byte_floor():
     assert "MISSED" not in text
     text = "\n".join(gen.target_lines([rec(0.80, 0.95, 1.1)]))
     assert text.count("MISSED") == 3 and "why:" in text and "above the byte floor" in text
+
+
+def test_generate_moelora_miss_with_milora_at_its_floor_blames_the_base_not_the_floor(monkeypatch):
+    # A slow base product (a CPU without a fast GEMM for the dtype): MiLoRA meets its byte-floor goal
+    # and MOELoRA is close behind; the why line must not report time "above the byte floor" (it is
+    # below it: a negative excess).
+    import milora_ext
+    from milora.bench import generate as gen
+
+    monkeypatch.setattr(milora_ext, "cpu_capability", lambda: "amx")
+    monkeypatch.setattr(milora_ext, "max_cpu_capability", lambda: "amx")
+    r = dict(method="milora", beams=3, speed_vs_base=0.96, byte_floor_speed=0.78, floor_ratio=1 / 0.78,
+             speed_vs_moelora=1.16, step_adapter_mb=8.2, step_base_mb=28.5, new_tokens=16,
+             base_median_ms=1000.0, median_ms=1000.0 / 0.96, linears_per_step=28, device="cpu")
+    text = "\n".join(gen.target_lines([r]))
+    assert text.count("MISSED") == 1 and "1.16x MOELoRA" in text
+    assert "base model's own time dominates" in text and "0.83x" in text  # MOELoRA: 0.96 / 1.16
+    assert "above the byte floor" not in text

@@ -184,7 +184,7 @@ def target_lines(records: List[Dict]) -> List[str]:
         else:
             continue
         if not ok:
-            lines.append(noise_note(r) or forced_level_note(r) or "  why: not a busy machine (the rounds agree): the fused op itself is slower "
+            lines.append(forced_level_note(r) or noise_note(r) or "  why: not a busy machine (the rounds agree): the fused op itself is slower "
                          "than its goal here; see docs/benchmarks.md")
     return lines
 
