@@ -194,8 +194,8 @@ def forced_level_note(rec: Dict, level: Optional[str] = None, best: Optional[str
         return ""
     onednn, aten = BASE_CAPS[level]
     return (f"  why: the LoRA kernels were forced to {level} on a CPU whose best level is {best}, but the base "
-            f"product was not (oneDNN still runs {best}), so the LoRA share is larger here than on a {level} CPU; "
-            f"emulate one with ONEDNN_MAX_CPU_ISA={onednn} ATEN_CPU_CAPABILITY={aten} MILORA_CPU_CAPABILITY={level}")
+            f"product was not (oneDNN still runs {best}), so the LoRA share is larger here than on a CPU whose best is "
+            f"{level}; emulate one with ONEDNN_MAX_CPU_ISA={onednn} ATEN_CPU_CAPABILITY={aten} MILORA_CPU_CAPABILITY={level}")
 
 
 def environment(device: torch.device, dtype: Optional[torch.dtype] = None) -> Dict[str, object]:
