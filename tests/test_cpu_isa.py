@@ -75,6 +75,16 @@ def test_odd_sizes_ranks_experts(level, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_long_lists_in_wide_column_chunks(level, dtype):
+    # Lists of 64+ tokens take their expand in chunks of N / threads on levels that ask for it
+    # (amx, bfloat16): with 4 threads and N = 1100, four chunks of 288 columns, the last one 236
+    # wide (a partial 16-column tile), beside a short list on the usual chunks.
+    run(make_problem([70, 3, 65], [0, 1, 0], K=300, N=1100, P=2, E=2, R=16, active_experts=2,
+                     dtype=dtype, seed=5), level)
+    run(make_problem([130], [0], K=96, N=1029, P=1, E=1, R=7, dtype=dtype, seed=6), level)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_packed_tiles_and_panel_packing(level, dtype):
     # Two adapters interleaved over 140 decode sequences: each adapter's token list is 70 long
     # but no run of batch-adjacent sequences is, so the LoRA term stays on the hand-written

@@ -15,7 +15,8 @@
 //   finalise: U[t, e, :] = gates[s,e] * (sum of the partial U), pad lanes 0;
 //   expand:   y[t, :] += sum_e B[p,e] @ U[t, e, :] over the experts active for t's sequence,
 //             in column chunks (256, narrower when that leaves threads idle) so a chunk of B
-//             stays in cache for all the adapter's tokens.
+//             stays in cache for all the adapter's tokens; long lists on levels whose expand
+//             is bound by y rather than B (AMX) in chunks of N / threads.
 // Runs of batch-adjacent sequences of one adapter and expert set with at least gemm_min_tokens
 // tokens (prefill; the level decides, cpu/isa.h) skip the phases: their LoRA term is two ATen GEMMs over their own rows
 // (add_gated_lora_gemm), the blocked code the base product uses. In the phases, long token
@@ -275,18 +276,23 @@ void lora_expand_lists(const LoraOperands<S, A>& op, const std::vector<TokenList
   RECORD_FUNCTION("milora::lora_expand_cpu", std::vector<c10::IValue>());
   const int64_t N = op.N, num_lists = static_cast<int64_t>(lists.size());
   const int64_t cols = expand_chunk_cols(num_lists, N);
+  // Long lists where the level wants it (kern.expand_wide_min_tokens): one chunk per thread.
+  const int64_t wide_cols = std::max(cols, round_up(ceil_div(N, at::get_num_threads()), kMinExpandCols));
+  std::vector<int64_t> list_cols(num_lists);
   std::vector<std::pair<int64_t, int64_t>> items;  // (list, first column)
   int64_t macs = 0;
   for (int64_t l = 0; l < num_lists; ++l) {
-    macs += static_cast<int64_t>(lists[l].tokens.size() * lists[l].experts.size()) * N * op.R;
-    for (int64_t n0 = 0; n0 < N; n0 += cols) items.emplace_back(l, n0);
+    const int64_t ntokens = static_cast<int64_t>(lists[l].tokens.size());
+    macs += ntokens * static_cast<int64_t>(lists[l].experts.size()) * N * op.R;
+    list_cols[l] = ntokens >= kern.expand_wide_min_tokens ? wide_cols : cols;
+    for (int64_t n0 = 0; n0 < N; n0 += list_cols[l]) items.emplace_back(l, n0);
   }
   for_items(static_cast<int64_t>(items.size()), macs, [&](int64_t begin, int64_t end) {
     thread_local std::vector<A> scratch;  // kept per pool thread: no allocation per decode step
     for (int64_t w = begin; w < end; ++w) {
       const TokenList& l = lists[items[w].first];
       const int64_t n0 = items[w].second;
-      ExpandJob<S, A> job = expand_job(op, l.adapter, n0, std::min(N, n0 + cols));
+      ExpandJob<S, A> job = expand_job(op, l.adapter, n0, std::min(N, n0 + list_cols[items[w].first]));
       job.tokens = l.tokens.data();
       job.ntokens = static_cast<int64_t>(l.tokens.size());
       job.experts = l.experts.data();

@@ -94,6 +94,9 @@ struct LoraKernels {
   // Runs of batch-adjacent sequences of one adapter and expert set this long take the ATen
   // GEMM route instead of the kernels above (not float64).
   int64_t gemm_min_tokens;
+  // Token lists this long take their expand in column chunks of N / threads (at least), not
+  // 256 columns (see expand_wide_min_of in cpu/lora_kernels.h).
+  int64_t expand_wide_min_tokens;
 };
 
 // Ranks the AVX-512-BF16 dot expand handles (B rows read 32 bfloat16 at a time: R | 32 or
