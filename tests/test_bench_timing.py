@@ -32,7 +32,7 @@ def test_unknown_load_keeps_the_busy_wording():
 def test_forced_level_note_names_the_uncapped_base_and_how_to_emulate():
     note = forced_level_note(dict(device="cpu"), level="avx2", best="amx", env={})
     assert "forced to avx2" in note and "best level is amx" in note
-    assert "ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MILORA_CPU_CAPABILITY=avx2" in note
+    assert "ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 MILORA_CPU_CAPABILITY=avx2" in note
 
 
 def test_forced_level_note_only_when_forced_on_an_uncapped_cpu():

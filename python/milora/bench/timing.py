@@ -163,13 +163,14 @@ def noise_note(rec: Dict) -> str:
 
 # A LoRA kernel level -> the caps that make the base product run as on a CPU whose best level it is:
 # oneDNN's ISA (ONEDNN_MAX_CPU_ISA; below AVX512_CORE oneDNN reports no bfloat16 support and torch's
-# bfloat16 linear takes ATen's own GEMM, as on such a CPU) and ATen's vector level (ATEN_CPU_CAPABILITY).
+# bfloat16 linear takes ATen's own GEMM, as on such a CPU), ATen's vector level
+# (ATEN_CPU_CAPABILITY) and MKL's (MKL_ENABLE_INSTRUCTIONS: the float32 GEMM).
 BASE_CAPS = {
-    "default": ("SSE41", "default"),
-    "avx2": ("AVX2", "avx2"),
-    "avx512": ("AVX512_CORE", "avx512"),
-    "avx512_bf16": ("AVX512_CORE_BF16", "avx512"),
-    "amx": ("AVX512_CORE_AMX", "avx512"),
+    "default": ("SSE41", "default", "SSE4_2"),
+    "avx2": ("AVX2", "avx2", "AVX2"),
+    "avx512": ("AVX512_CORE", "avx512", "AVX512"),
+    "avx512_bf16": ("AVX512_CORE_BF16", "avx512", "AVX512"),
+    "amx": ("AVX512_CORE_AMX", "avx512", "AVX512"),
 }
 
 
@@ -192,10 +193,11 @@ def forced_level_note(rec: Dict, level: Optional[str] = None, best: Optional[str
             return ""
     if level == best or level not in BASE_CAPS:
         return ""
-    onednn, aten = BASE_CAPS[level]
+    onednn, aten, mkl = BASE_CAPS[level]
     return (f"  why: the LoRA kernels were forced to {level} on a CPU whose best level is {best}, but the base "
-            f"product was not (oneDNN still runs {best}), so the LoRA share is larger here than on a CPU whose best is "
-            f"{level}; emulate one with ONEDNN_MAX_CPU_ISA={onednn} ATEN_CPU_CAPABILITY={aten} MILORA_CPU_CAPABILITY={level}")
+            f"product was not (oneDNN / MKL still run {best}), so the LoRA share is larger here than on a CPU whose "
+            f"best is {level}; emulate one with ONEDNN_MAX_CPU_ISA={onednn} ATEN_CPU_CAPABILITY={aten} "
+            f"MKL_ENABLE_INSTRUCTIONS={mkl} MILORA_CPU_CAPABILITY={level}")
 
 
 def environment(device: torch.device, dtype: Optional[torch.dtype] = None) -> Dict[str, object]:
@@ -215,7 +217,7 @@ def environment(device: torch.device, dtype: Optional[torch.dtype] = None) -> Di
         env["device_name"] = _cpu_name()
         env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # ATen's level (base GEMM side)
         env["milora_cpu_kernels"] = _milora_cpu_level()                  # our LoRA kernels' level
-        for cap in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):         # caps on the base product, if any
+        for cap in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS"):  # base caps, if any
             if os.environ.get(cap):
                 env[cap] = os.environ[cap]
         env["cpu_flags"] = _cpu_flags()
