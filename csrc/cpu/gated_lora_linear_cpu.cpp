@@ -278,21 +278,22 @@ void lora_expand_lists(const LoraOperands<S, A>& op, const std::vector<TokenList
   const int64_t cols = expand_chunk_cols(num_lists, N);
   // Long lists where the level wants it (kern.expand_wide_min_tokens): one chunk per thread.
   const int64_t wide_cols = std::max(cols, round_up(ceil_div(N, at::get_num_threads()), kMinExpandCols));
-  std::vector<int64_t> list_cols(num_lists);
-  std::vector<std::pair<int64_t, int64_t>> items;  // (list, first column)
+  struct Item {
+    int64_t list, n0, n1;
+  };
+  std::vector<Item> items;
   int64_t macs = 0;
   for (int64_t l = 0; l < num_lists; ++l) {
     const int64_t ntokens = static_cast<int64_t>(lists[l].tokens.size());
     macs += ntokens * static_cast<int64_t>(lists[l].experts.size()) * N * op.R;
-    list_cols[l] = ntokens >= kern.expand_wide_min_tokens ? wide_cols : cols;
-    for (int64_t n0 = 0; n0 < N; n0 += list_cols[l]) items.emplace_back(l, n0);
+    const int64_t step = ntokens >= kern.expand_wide_min_tokens ? wide_cols : cols;
+    for (int64_t n0 = 0; n0 < N; n0 += step) items.push_back(Item{l, n0, std::min(N, n0 + step)});
   }
   for_items(static_cast<int64_t>(items.size()), macs, [&](int64_t begin, int64_t end) {
     thread_local std::vector<A> scratch;  // kept per pool thread: no allocation per decode step
     for (int64_t w = begin; w < end; ++w) {
-      const TokenList& l = lists[items[w].first];
-      const int64_t n0 = items[w].second;
-      ExpandJob<S, A> job = expand_job(op, l.adapter, n0, std::min(N, n0 + list_cols[items[w].first]));
+      const TokenList& l = lists[items[w].list];
+      ExpandJob<S, A> job = expand_job(op, l.adapter, items[w].n0, items[w].n1);
       job.tokens = l.tokens.data();
       job.ntokens = static_cast<int64_t>(l.tokens.size());
       job.experts = l.experts.data();

@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .sft_data import PairDataset, PromptMaskCollator, exact_match, read_jsonl, tokenize_rows
+from .training import ROUTER_FREEZE_AT
 
 METHODS = ("lora", "moelora", "milora")
 
@@ -64,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--activation", choices=("rational", "gelu"), default="rational")
     m.add_argument("--gate-mode", choices=("soft", "hard"), default="soft")
     m.add_argument("--load-balance-coef", type=float, default=1e-2)
-    m.add_argument("--router-freeze-at", type=fraction, default=0.5, metavar="FRACTION",
-                   help="milora: stop training the routers after this fraction of the steps (default 0.5, which "
-                        "removed late routing collapses on the quality suite, docs/training.md; 1 = never)")
+    m.add_argument("--router-freeze-at", type=fraction, default=ROUTER_FREEZE_AT, metavar="FRACTION",
+                   help=f"milora: stop training the routers after this fraction of the steps (default {ROUTER_FREEZE_AT}, "
+                        "which removed late routing collapses on the quality suite, docs/training.md; 1 = never)")
     t = ap.add_argument_group("training (HF Trainer)")
     t.add_argument("--epochs", type=float, default=3.0)
     t.add_argument("--max-steps", type=int, default=-1, help="overrides --epochs when > 0")

@@ -266,6 +266,13 @@ def _make_trainer_class():
     return MiLoRATrainer
 
 
+# The fraction of the steps after which MiLoRA's routers stop training, by default (RouterFreezeCallback,
+# `milora-train --router-freeze-at`, the quality bench's Recipe): better or level on all six seeds of
+# the quality suite at 3000 steps, where it removed late routing collapses, and no effect on average
+# at 600 (docs/training.md, rounds 3 and 4). 1.0 = never.
+ROUTER_FREEZE_AT = 0.5
+
+
 def _make_router_freeze_callback():
     from transformers import TrainerCallback
 
@@ -278,7 +285,7 @@ def _make_router_freeze_callback():
         trained on them (docs/training.md, "Round 3: router freeze"). at=1.0 never freezes. FSDP1 with
         flattened parameters is not supported (the routers' gradients are not separate there)."""
 
-        def __init__(self, at: float = 0.5):
+        def __init__(self, at: float = ROUTER_FREEZE_AT):
             if not (0.0 <= at <= 1.0):
                 raise ValueError(f"RouterFreezeCallback: at must be a fraction of the steps in [0, 1], got {at}")
             self.at = at

@@ -586,10 +586,9 @@ def _moelora_line(r: Dict) -> str:
     goal, the adapters' costs are small beside the base model's (a slow base product: a CPU without
     a fast GEMM for this dtype), and both methods sit close to base."""
     v, floor, m = r.get("speed_vs_base"), r.get("byte_floor_speed"), r.get("speed_vs_moelora")
-    noisy = forced_level_note(r) or noise_note(r)
-    if noisy or v is None or floor is None or not m or v < floor - FLOOR_SLACK:
-        return noisy or _excess_line(r)
-    return (f"  why: MiLoRA is at {v:.2f}x base (byte-floor goal {floor - FLOOR_SLACK:.2f}: met) and MOELoRA at "
+    if v is None or floor is None or not m or v < floor - FLOOR_SLACK:
+        return _excess_line(r)
+    return forced_level_note(r) or noise_note(r) or (f"  why: MiLoRA is at {v:.2f}x base (byte-floor goal {floor - FLOOR_SLACK:.2f}: met) and MOELoRA at "
             f"{v / m:.2f}x: the base model's own time dominates each step here, so both adapters' costs are small "
             f"beside it and their ratio shrinks toward 1")
 

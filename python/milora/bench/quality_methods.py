@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from milora import MODULE_NAMES, MiLoRAConfig, MiLoRAModel, get_milora_model
+from milora.training import ROUTER_FREEZE_AT
 
 from .quality_data import train_batch
 
@@ -42,10 +43,8 @@ class Recipe:
     milora_lr_scale: float = 1.0
     router_lr_scale: float = 1.0
     # fraction of the steps after which milora's routers stop training (learning rate 0), so
-    # the LoRA modules finish on a fixed routing; 1.0 = never. 0.5: better or level on all six
-    # seeds at 3000 steps (it removes late routing collapses), no effect on average at 600
-    # (docs/training.md, rounds 3 and 4)
-    router_freeze_at: float = 0.5
+    # the LoRA modules finish on a fixed routing; 1.0 = never (default: milora.training.ROUTER_FREEZE_AT)
+    router_freeze_at: float = ROUTER_FREEZE_AT
     # MiLoRA / MOELoRA router settings (MiLoRAConfig fields) applied to the routed methods
     milora: Dict = field(default_factory=dict)
     moelora: Dict = field(default_factory=dict)
