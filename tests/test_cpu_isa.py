@@ -78,10 +78,13 @@ def test_odd_sizes_ranks_experts(level, dtype):
 def test_long_lists_in_wide_column_chunks(level, dtype):
     # Lists of 64+ tokens take their expand in chunks of N / threads on levels that ask for it
     # (amx, bfloat16): with 4 threads and N = 1100, four chunks of 288 columns, the last one 236
-    # wide (a partial 16-column tile), beside a short list on the usual chunks.
+    # wide (a partial 16-column tile), beside a short list on the usual chunks. The AMX expand
+    # steps 64 columns at a time, so the chunks' last steps hold 2 (288), 3 (236 of N = 1100;
+    # 165 of 1029), 1 (196 of 1060) and 4 (183 of 1047) 16-column blocks, the last one partial.
     run(make_problem([70, 3, 65], [0, 1, 0], K=300, N=1100, P=2, E=2, R=16, active_experts=2,
                      dtype=dtype, seed=5), level)
-    run(make_problem([130], [0], K=96, N=1029, P=1, E=1, R=7, dtype=dtype, seed=6), level)
+    for N in (1029, 1060, 1047):
+        run(make_problem([130], [0], K=96, N=N, P=1, E=1, R=7, dtype=dtype, seed=N), level)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

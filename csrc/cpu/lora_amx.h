@@ -11,6 +11,7 @@
 // Tiles (palette 1): tmm0 = C (m tokens x 16 float32 sums), tmm1 = the left operand (m tokens
 // x up to 32 bfloat16), tmm2 = the right operand in pair layout (up to 16 rows of 16 32-bit
 // words, each word the bfloat16 pair (2p, 2p + 1) of the reduced dimension for one column).
+// The expand also uses tmm3, tmm5, tmm6 (more C blocks) and tmm4 (a second right operand).
 // LDTILECFG zeroes every tile, so a configuration only changes between output blocks.
 
 constexpr int64_t kAmxMinTokens = 64;
@@ -23,17 +24,23 @@ struct alignas(64) AmxConfig {
   uint8_t rows[16];
 };
 
-// C: m x 64 bytes; left operand: m x left_bytes; right operand: right_rows x 64 bytes.
+// C (tmm0, 3, 5, 6): m x 64 bytes; left operand (tmm1): m x left_bytes; right operands (tmm2, 4):
+// right_rows x 64 bytes.
 inline void amx_configure(int m, int left_bytes, int right_rows) {
   AmxConfig c;
   std::memset(&c, 0, sizeof(c));
   c.palette = 1;
-  c.colsb[0] = 64;
-  c.rows[0] = static_cast<uint8_t>(m);
+  constexpr int kC[] = {0, 3, 5, 6}, kRight[] = {2, 4};
+  for (int t : kC) {
+    c.colsb[t] = 64;
+    c.rows[t] = static_cast<uint8_t>(m);
+  }
   c.colsb[1] = static_cast<uint16_t>(left_bytes);
   c.rows[1] = static_cast<uint8_t>(m);
-  c.colsb[2] = 64;
-  c.rows[2] = static_cast<uint8_t>(right_rows);
+  for (int t : kRight) {
+    c.colsb[t] = 64;
+    c.rows[t] = static_cast<uint8_t>(right_rows);
+  }
   _tile_loadconfig(&c);
 }
 
@@ -137,7 +144,7 @@ inline void expand_list_amx(const ExpandJob<bf16_t, float>& j) {
   pack_b_pairs(j, panel, ld);
   for (int64_t p = kp; p < kp_pad; ++p)
     for (int64_t c = 0; c < ld; ++c) panel[p * ld + c] = 0u;
-  alignas(64) float acc[16 * 16];
+  alignas(64) float acc[4 * 16 * 16];  // four C blocks of m x 16
   int configured = 0;
   for (int64_t i0 = 0; i0 < j.ntokens; i0 += 16) {
     const int m = static_cast<int>(min64(16, j.ntokens - i0));
@@ -158,17 +165,44 @@ inline void expand_list_amx(const ExpandJob<bf16_t, float>& j) {
       amx_configure(m, static_cast<int>(step * 4), static_cast<int>(step));
       configured = m;
     }
-    for (int64_t c = 0; c < cols; c += 16) {
+    // 64 columns (four C blocks) per step, so each y row is read, added to and written 128 bytes
+    // at a time: whole cache lines. With one 16-column block per step each line was touched twice,
+    // 15 rows apart, and rows N apart share L1 sets (N = 4096: every row in one set), so the second
+    // touch often missed. Expand phase, in-process A/B, 2 threads, caches flushed: 2048 tokens
+    // 2.1-2.2 -> 1.7-1.8 ms, 256 tokens 271 -> 221 us, 64 tokens 72 -> 62 us.
+    for (int64_t c = 0; c < cols; c += 64) {
+      const int64_t blocks = min64(4, (cols - c + 15) / 16);  // the panel's ld covers whole blocks
+      const uint32_t* pb = panel + c;
       _tile_zero(0);
+      _tile_zero(3);
+      _tile_zero(5);
+      _tile_zero(6);
       for (int64_t p0 = 0; p0 < kp_pad; p0 += step) {
         _tile_loadd(1, uw + p0, kp_pad * 4);
-        _tile_loadd(2, panel + p0 * ld + c, ld * 4);
+        _tile_loadd(2, pb + p0 * ld, ld * 4);
         _tile_dpbf16ps(0, 1, 2);
+        if (blocks > 1) {
+          _tile_loadd(4, pb + p0 * ld + 16, ld * 4);
+          _tile_dpbf16ps(3, 1, 4);
+        }
+        if (blocks > 2) {
+          _tile_loadd(2, pb + p0 * ld + 32, ld * 4);
+          _tile_dpbf16ps(5, 1, 2);
+        }
+        if (blocks > 3) {
+          _tile_loadd(4, pb + p0 * ld + 48, ld * 4);
+          _tile_dpbf16ps(6, 1, 4);
+        }
       }
       _tile_stored(0, acc, 64);
-      const int n = static_cast<int>(min64(16, cols - c));
-      for (int row = 0; row < m; ++row)
-        Vec512{_mm512_load_ps(acc + row * 16)}.add_to(j.y + j.tokens[i0 + row] * N + j.n0 + c, n);
+      if (blocks > 1) _tile_stored(3, acc + 256, 64);
+      if (blocks > 2) _tile_stored(5, acc + 512, 64);
+      if (blocks > 3) _tile_stored(6, acc + 768, 64);
+      for (int row = 0; row < m; ++row) {
+        bf16_t* yr = j.y + j.tokens[i0 + row] * N + j.n0 + c;
+        for (int64_t b = 0; b < blocks; ++b)
+          Vec512{_mm512_load_ps(acc + b * 256 + row * 16)}.add_to(yr + 16 * b, static_cast<int>(min64(16, cols - c - 16 * b)));
+      }
     }
   }
   _tile_release();
