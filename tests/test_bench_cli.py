@@ -215,3 +215,17 @@ def test_generate_moelora_miss_with_milora_at_its_floor_blames_the_base_not_the_
     assert text.count("MISSED") == 1 and "1.16x MOELoRA" in text
     assert "base model's own time dominates" in text and "0.83x" in text  # MOELoRA: 0.96 / 1.16
     assert "above the byte floor" not in text
+
+
+def test_generate_noisy_miss_states_its_spread_in_tokens_per_s():
+    # The target line says "0.72x base tokens/s"; a noisy-rounds why line must give the spread in
+    # the same units (time ratios 1.29-1.47 are 0.68-0.78 x base tokens/s), not as time ratios.
+    from milora.bench import generate as gen
+
+    r = dict(method="milora", beams=1, speed_vs_base=0.72, byte_floor_speed=0.78, floor_ratio=1 / 0.78,
+             speed_vs_moelora=1.5, step_adapter_mb=8.2, step_base_mb=28.5, new_tokens=16,
+             base_median_ms=100.0, median_ms=100.0 / 0.72, linears_per_step=28, device="cuda",
+             ratio_q1=1.29, ratio_q3=1.47, repeats=15, load_avg=0.0)
+    text = "\n".join(gen.target_lines([r]))
+    assert "0.72x base tokens/s" in text and "MISSED" in text
+    assert "x base tokens/s spread 0.68-0.78 (quartiles)" in text and "1.29" not in text

@@ -25,6 +25,15 @@ def test_spread_under_load_is_a_busy_machine():
     assert "busy" in note and f"{cores + 3.0:.1f}" in note
 
 
+def test_speed_spread_is_stated_in_tokens_per_s_like_its_target_line():
+    # Generate's target line gives x base tokens/s (base time / method time); its spread must read
+    # in those units: time ratios 1.25-1.60 are 0.62-0.80 x base tokens/s.
+    note = noise_note(_rec(1.25, 1.60, load=0.0), speed=True)
+    assert "x base tokens/s spread 0.62-0.80" in note
+    assert "1.25" not in note and "1.60" not in note
+    assert "paired ratios spread 1.25-1.60" in noise_note(_rec(1.25, 1.60, load=0.0))
+
+
 def test_unknown_load_keeps_the_busy_wording():
     assert "busy" in noise_note(_rec(1.0, 1.5, load=None))
 

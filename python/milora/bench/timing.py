@@ -145,14 +145,22 @@ def load_average() -> Optional[float]:
         return None
 
 
-def noise_note(rec: Dict) -> str:
+def noise_note(rec: Dict, speed: bool = False) -> str:
     """'' or one line saying the rounds disagreed too much for the verdict to be trusted, and
     whether the machine was busy (1-minute load average above its core count + 0.5: the bench
-    itself keeps up to one thread per core running) or not."""
+    itself keeps up to one thread per core running) or not.
+
+    The record's quartiles are of time ratios (method / base). speed=True states them as the
+    target line does for generate, as speed ratios (x base tokens/s: base / method), so the
+    spread reads in the units of the number it qualifies."""
     lo, hi = rec.get("ratio_q1"), rec.get("ratio_q3")
     if lo is None or hi is None or not hi - lo > NOISY_SPREAD:
         return ""
-    spread = f"per-round paired ratios spread {lo:.2f}-{hi:.2f} (quartiles) over {rec.get('repeats')} rounds"
+    if speed:
+        spread = (f"per-round x base tokens/s spread {1 / hi:.2f}-{1 / lo:.2f} (quartiles) "
+                  f"over {rec.get('repeats')} rounds")
+    else:
+        spread = f"per-round paired ratios spread {lo:.2f}-{hi:.2f} (quartiles) over {rec.get('repeats')} rounds"
     load, cores = rec.get("load_avg"), os.cpu_count() or 1
     if load is not None and load <= cores + 0.5:  # the bench's own threads count too
         return (f"  why: uncertain: {spread} on an idle machine (load average {load:.1f} on {cores} cores); "
