@@ -67,6 +67,19 @@ def test_batches(level, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_lists_at_the_tile_thresholds(level, dtype):
+    # bfloat16 on amx: the expand takes tiles from 16 tokens, the shrink from 32. Lists on both
+    # sides of each, as one sequence (consecutive rows) and as every other decode sequence (rows
+    # gathered), the last 16-token block partial where the length allows. Every expert is active,
+    # so each adapter's tokens form one list (a list is one adapter and one set of active experts).
+    for n in (15, 16, 17, 31, 32, 33):
+        run(make_problem([n, 2], [0, 1], K=300, N=200, P=2, E=2, R=16, active_experts=2, dtype=dtype,
+                         seed=n), level)
+        run(make_problem([1] * (2 * n), [i % 2 for i in range(2 * n)], K=300, N=200, P=2, E=2, R=16,
+                         active_experts=2, dtype=dtype, seed=100 + n), level)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_odd_sizes_ranks_experts(level, dtype):
     # K, N and R off every vector width (and K below / above the 32-element bf16 dot step)
     for K, N, R, E in [(257, 129, 5, 3), (31, 17, 33, 2), (70, 40, 3, 70), (1029, 45, 16, 1)]:
@@ -76,7 +89,7 @@ def test_odd_sizes_ranks_experts(level, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_long_lists_in_wide_column_chunks(level, dtype):
-    # Lists of 64+ tokens take their expand in chunks of N / threads on levels that ask for it
+    # Lists on the AMX expand take their expand in chunks of N / threads on levels that ask for it
     # (amx, bfloat16): with 4 threads and N = 1100, four chunks of 288 columns, the last one 236
     # wide (a partial 16-column tile), beside a short list on the usual chunks. The AMX expand
     # steps 64 columns at a time, so the chunks' last steps hold 2 (288), 3 (236 of N = 1100;

@@ -3,10 +3,21 @@
 //
 // Where the base product runs on AMX (oneDNN does, on these CPUs), the LoRA term's few percent
 // of the multiply-adds cost a multiple of that on vector units: one TDPBF16PS does 16 x 16 x 32
-// products. Token lists of kAmxMinTokens or more take the tiles; shorter ones (decode, bound by
-// reading A and B from memory) keep the AVX-512-BF16 code, which reads A as stored where the
-// tiles first pack it: with cold adapters, 16-32 tokens sharing one were 0.03-0.07 of the base
-// time slower on the tiles (three runs of the layer bench).
+// products. Token lists of kAmxShrinkMinTokens / kAmxExpandMinTokens or more take the tiles
+// for the shrink / expand; shorter ones (decode, bound by reading A and B from memory) keep the
+// AVX-512-BF16 code, which reads A and B as stored where the tiles first pack them.
+//
+// Where the thresholds sit (in-process A/B, 2 threads, bf16 4096 x 4096, R = 16, caches flushed,
+// LoRA phases, us, vector code -> tiles; medians of 31 rounds):
+//   expand, since it takes 64 columns per step: lists of 16 tokens 30 -> 26 (one adapter),
+//     102 -> 86 (four lists of 16), 48 -> 45 (two gathered lists of 16); 32 tokens 48 -> 33;
+//     48 tokens 91 -> 52; two lists of 32 84 -> 64; 8-12 tokens within 2 us either way, 4 tokens
+//     worse (23 -> 28). So from 16 tokens.
+//   shrink: two lists of 32 consecutive tokens 90 -> 61, four 144 -> 89, two of 48 100 -> 59, one
+//     of 48 73 -> 59; but one list of 32 split over the threads by K 38-46 -> 43-47, two gathered
+//     lists of 32 69 -> 73, and 16 tokens 25 -> 45 (the pack of A costs more than the dot tiles'
+//     direct reads). So from 32 tokens: a few us lost on single 32-token lists for 30-40 won
+//     on prefill-like ones.
 //
 // Tiles (palette 1): tmm0 = C (m tokens x 16 float32 sums), tmm1 = the left operand (m tokens
 // x up to 32 bfloat16), tmm2 = the right operand in pair layout (up to 16 rows of 16 32-bit
@@ -14,7 +25,8 @@
 // The expand also uses tmm3, tmm5, tmm6 (more C blocks) and tmm4 (a second right operand).
 // LDTILECFG zeroes every tile, so a configuration only changes between output blocks.
 
-constexpr int64_t kAmxMinTokens = 64;
+constexpr int64_t kAmxShrinkMinTokens = 32;
+constexpr int64_t kAmxExpandMinTokens = 16;
 
 struct alignas(64) AmxConfig {
   uint8_t palette;
@@ -129,13 +141,13 @@ inline void shrink_amx(const ShrinkJob<bf16_t, float>& j) {
   if (configured) _tile_release();
 }
 
-// One token list's expand on tiles (kAmxMinTokens tokens or more; fewer: expand_list_bf16).
+// One token list's expand on tiles (kAmxExpandMinTokens tokens or more; fewer: expand_list_bf16).
 // The left operand is the tokens' U rows rounded to bfloat16 pairs, all experts' ranks in a
 // row (kp pairs, padded with 0 to a multiple of 16 when longer than 16, so one configuration
 // serves every step); the right one B's pair panel of pack_b_pairs, whose expert rows are
 // stacked the same way. Scratch: expand_list_scratch values.
 inline void expand_list_amx(const ExpandJob<bf16_t, float>& j) {
-  if (j.ntokens < kAmxMinTokens) return expand_list_bf16(j);
+  if (j.ntokens < kAmxExpandMinTokens) return expand_list_bf16(j);
   const int64_t E = j.E, Rpad = j.Rpad, N = j.N, R2 = (j.R + 1) / 2, nexp = j.nexperts;
   const int64_t cols = j.n1 - j.n0, ld = round_up64(cols, 32);
   const int64_t kp = nexp * R2, kp_pad = kp <= 16 ? kp : round_up64(kp, 16), step = min64(16, kp_pad);

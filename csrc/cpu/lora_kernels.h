@@ -461,7 +461,7 @@ constexpr void (*expand_list_of<bf16_t, float>())(const ExpandJob<bf16_t, float>
 //   16-bit storage: never before AMX. The dot tiles multiply pairs of stored values without
 //     widening each one (vdpbf16ps, or the pair split of lora_tiles.h), which beat the float32
 //     panels at 64 to 1024 tokens on AVX2 and AVX-512 (measured, bf16 4096 x 4096, R = 16);
-//   bfloat16 with AMX: kAmxMinTokens, the tiles (lora_amx.h).
+//   bfloat16 with AMX: kAmxShrinkMinTokens, the tiles (lora_amx.h).
 constexpr int64_t kFloat64PackedMin = 16;
 constexpr int64_t kFloat32PackedMin = 128;
 constexpr int64_t kNever = int64_t(1) << 62;  // a token count no call reaches
@@ -477,7 +477,7 @@ constexpr void (*shrink_packed_of())(const ShrinkJob<S, A>&) {
 #if MILORA_ISA_LEVEL >= 4
 template <>
 constexpr int64_t shrink_packed_min_of<bf16_t>() {
-  return kAmxMinTokens;
+  return kAmxShrinkMinTokens;
 }
 template <>
 constexpr void (*shrink_packed_of<bf16_t, float>())(const ShrinkJob<bf16_t, float>&) {
@@ -522,7 +522,7 @@ constexpr int64_t expand_wide_min_of() {
 #if MILORA_ISA_LEVEL >= 4
 template <>
 constexpr int64_t expand_wide_min_of<bf16_t>() {
-  return kAmxMinTokens;
+  return kAmxExpandMinTokens;  // the lists on tiles (measured with them, lora_amx.h)
 }
 #endif
 
