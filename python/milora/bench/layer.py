@@ -59,9 +59,11 @@ class LayerSweep:
 PRESETS: Dict[str, LayerSweep] = {
     # `milora-bench` with no arguments: a few rows, seconds on a 2-core CPU
     # (21 rounds: with 7, stalls of a shared 2-core VM moved a prefill median to 1.64-1.69 where
-    # other runs gave 1.07-1.09, and six runs' medians of one case ranged 0.86-1.12)
+    # other runs gave 1.07-1.09, and six runs' medians of one case ranged 0.86-1.12. Prefill rows
+    # take 61: their per-round ratios' quartiles spread as wide as 0.86-1.33 over 21 rounds on that
+    # VM, while in-process A/B of 61 rounds agreed within 0.01; a 64-token round costs ~20 ms)
     "quick": LayerSweep(shapes=((4096, 4096),), decode_seqs=(16,), prefill=((2, 32),), adapters=(1, 16),
-                        mixes=("distinct",), repeats=21, prefill_repeats=21),
+                        mixes=("distinct",), repeats=21, prefill_repeats=61),
     # the issue's sweep (the default of `milora-bench layer`; long on a CPU, minutes on a GPU)
     "standard": LayerSweep(),
     # mixtures of experts per linear (MOELoRA's 8 experts of rank 4, top-4, and smaller)
