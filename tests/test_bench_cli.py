@@ -229,3 +229,16 @@ def test_generate_noisy_miss_states_its_spread_in_tokens_per_s():
     text = "\n".join(gen.target_lines([r]))
     assert "0.72x base tokens/s" in text and "MISSED" in text
     assert "x base tokens/s spread 0.68-0.78 (quartiles)" in text and "1.29" not in text
+
+
+def test_layer_prefill_miss_by_less_than_a_hundredth_shows_it():
+    # 1.052 misses the 1.05 goal; the target line must not print "1.05x ... goal <= 1.05: MISSED".
+    from milora.bench import layer
+
+    def rec(method, ratio):
+        return dict(phase="prefill", K=64, N=64, dtype="bfloat16", tokens=64, seqs=2, adapters=1, mix="distinct",
+                    rank=16, experts=1, active_experts=1, method=method, ratio_to_base=ratio, floor_ratio=None,
+                    ratio_q1=ratio, ratio_q3=ratio, repeats=61, load_avg=0.0, device="cuda")
+
+    text = "\n".join(layer.target_lines([rec("milora", 1.052), rec("peft_loop", 1.3)]))
+    assert "fused = 1.052x base time" in text and "MISSED" in text

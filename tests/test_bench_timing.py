@@ -2,7 +2,7 @@
 load average says so, not whenever the rounds disagree."""
 import os
 
-from milora.bench.timing import BASE_CAPS, NOISY_SPREAD, forced_level_note, noise_note
+from milora.bench.timing import BASE_CAPS, NOISY_SPREAD, against, forced_level_note, noise_note
 
 
 def _rec(q1, q3, load):
@@ -51,3 +51,8 @@ def test_forced_level_note_only_when_forced_on_an_uncapped_cpu():
     from milora_ext.cpu import LEVELS
 
     assert tuple(BASE_CAPS) == LEVELS  # one entry per kernel level
+
+
+def test_a_ratio_that_reads_like_its_goal_gets_a_third_decimal():
+    assert against(1.052, 1.05) == "1.052" and against(1.047, 1.05) == "1.047"
+    assert against(1.07, 1.05) == "1.07" and against(0.7261, 0.73) == "0.726" and against(0.72, 0.73) == "0.72"

@@ -14,7 +14,7 @@
 //     48 tokens 91 -> 52; two lists of 32 84 -> 64; 8-12 tokens within 2 us either way, 4 tokens
 //     worse (23 -> 28). So from 16 tokens.
 //   shrink: two lists of 32 consecutive tokens 90 -> 61, four 144 -> 89, two of 48 100 -> 59, one
-//     of 48 73 -> 59; but one list of 32 split over the threads by K 38-46 -> 43-47, two gathered
+//     of 48 73 -> 59; but one list of 32 split over the threads by K 38-46 -> 45-47, two gathered
 //     lists of 32 69 -> 73, and 16 tokens 25 -> 45 (the pack of A costs more than the dot tiles'
 //     direct reads). So from 32 tokens: a few us lost on single 32-token lists for 30-40 won
 //     on prefill-like ones.

@@ -41,7 +41,7 @@ from .memory import peak_during, tensor_bytes
 from .models import PRESETS as MODEL_PRESETS
 from .models import build_model
 from .progress import Progress
-from .timing import forced_level_note, load_average, noise_note, paired_ratio, paired_ratio_spread, time_interleaved
+from .timing import against, forced_level_note, load_average, noise_note, paired_ratio, paired_ratio_spread, time_interleaved
 
 METHODS = ("base", "lora", "peft", "peft_single", "moelora", "milora_ref", "milora")
 LABELS = {
@@ -603,14 +603,14 @@ def target_lines(records: List[Dict]) -> List[str]:
         v, floor = r.get("speed_vs_base"), r.get("byte_floor_speed")
         if v is not None and floor is not None:
             ok = v >= floor - FLOOR_SLACK
-            lines.append(f"target (beam {b}): MiLoRA fused = {v:.2f}x base tokens/s, e2e byte floor {floor:.2f} "
+            lines.append(f"target (beam {b}): MiLoRA fused = {against(v, floor - FLOOR_SLACK)}x base tokens/s, e2e byte floor {floor:.2f} "
                          f"({r['step_adapter_mb']:.1f} MB adapters beside {r['step_base_mb']:.1f} MB base per step), "
                          f"goal >= floor - {FLOOR_SLACK} = {floor - FLOOR_SLACK:.2f}: {'met' if ok else 'MISSED'}")
             if not ok:
                 lines.append(_excess_line(r))
             if floor >= BASE_GOAL_FLOOR:
                 ok = v >= BASE_GOAL
-                lines.append(f"target (beam {b}): MiLoRA fused = {v:.2f}x base (goal >= {BASE_GOAL}x where the floor "
+                lines.append(f"target (beam {b}): MiLoRA fused = {against(v, BASE_GOAL)}x base (goal >= {BASE_GOAL}x where the floor "
                              f">= {BASE_GOAL_FLOOR}): {'met' if ok else 'MISSED'}")
                 if not ok:
                     lines.append(_excess_line(r))
@@ -621,7 +621,7 @@ def target_lines(records: List[Dict]) -> List[str]:
         m = r.get("speed_vs_moelora")
         if m is not None:
             ok = m >= MOE_GOAL
-            lines.append(f"target (beam {b}): MiLoRA fused = {m:.2f}x MOELoRA tokens/s (goal >= {MOE_GOAL}x): "
+            lines.append(f"target (beam {b}): MiLoRA fused = {against(m, MOE_GOAL)}x MOELoRA tokens/s (goal >= {MOE_GOAL}x): "
                          f"{'met' if ok else 'MISSED'}")
             if not ok:
                 lines.append(_moelora_line(r))

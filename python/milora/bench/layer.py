@@ -17,7 +17,7 @@ from milora_ext.workloads import adapter_mix, make_problem
 
 from .methods import LABELS, METHODS, build_methods, check_methods, reference_output
 from .progress import Progress
-from .timing import forced_level_note, load_average, noise_note, paired_ratio, paired_ratio_spread, time_interleaved
+from .timing import against, forced_level_note, load_average, noise_note, paired_ratio, paired_ratio_spread, time_interleaved
 
 
 @dataclass(frozen=True)
@@ -175,13 +175,13 @@ def target_lines(records: List[Dict]) -> List[str]:
         if r["phase"] == "decode" and r["floor_ratio"] is not None:
             goal = r["floor_ratio"] + DECODE_SLACK
             ok = v <= goal
-            lines.append(f"target ({case}): fused = {v:.2f}x base time, goal <= byte floor {r['floor_ratio']:.3f} + "
+            lines.append(f"target ({case}): fused = {against(v, goal)}x base time, goal <= byte floor {r['floor_ratio']:.3f} + "
                          f"{DECODE_SLACK} = {goal:.2f}: {'met' if ok else 'MISSED'}")
         elif r["phase"] == "prefill":
             loop = ms.get("peft_loop")
             ok = v <= PREFILL_GOAL and (loop is None or v < loop["ratio_to_base"])
             vs_loop = f", PEFT-style loop {loop['ratio_to_base']:.2f}x" if loop is not None else ""
-            lines.append(f"target ({case}): fused = {v:.2f}x base time (goal <= {PREFILL_GOAL} and below the loop"
+            lines.append(f"target ({case}): fused = {against(v, PREFILL_GOAL)}x base time (goal <= {PREFILL_GOAL} and below the loop"
                          f"{vs_loop}): {'met' if ok else 'MISSED'}")
         else:
             continue

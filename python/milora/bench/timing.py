@@ -132,6 +132,13 @@ def paired_ratio_spread(a: Timing, b: Timing) -> Tuple[float, float]:
     return q[0], q[2]
 
 
+def against(value: float, goal: float) -> str:
+    """value as a target line prints it beside goal: two decimals, or three where two would read
+    the same as the goal (a "1.05x ... goal <= 1.05: MISSED" line that says 1.052)."""
+    text = f"{value:.2f}"
+    return f"{value:.3f}" if text == f"{goal:.2f}" else text
+
+
 # Quartile spread of paired ratios above which a missed target's verdict is called uncertain.
 NOISY_SPREAD = 0.10
 
