@@ -117,7 +117,8 @@ def test_backward_rejects_bad_grad_shape():
 @pytest.mark.parametrize("name", ["x", "weight", "lora_a", "lora_b", "seq_offsets", "adapter_ids", "gates"])
 @pytest.mark.parametrize("value", [None, [1.0, 2.0]])
 def test_non_tensor_argument_is_named(name, value):
-    # The dispatcher alone would say "tensor does not have a device" for None.
+    # The dispatcher alone would pass None on as an undefined tensor (reported as a shape [0]) and
+    # name the schema type of a list, not which argument it was.
     with pytest.raises(TypeError, match=rf"{name} must be a Tensor, got {type(value).__name__}"):
         call(**{name: value})
 
