@@ -41,7 +41,7 @@ from .memory import peak_during, tensor_bytes
 from .models import PRESETS as MODEL_PRESETS
 from .models import build_model
 from .progress import Progress
-from .timing import against, forced_level_note, load_average, noise_note, paired_ratio, paired_ratio_spread, time_interleaved
+from .timing import against, load_average, measurement_note, paired_ratio, paired_ratio_spread, time_interleaved
 
 METHODS = ("base", "lora", "peft", "peft_single", "moelora", "milora_ref", "milora")
 LABELS = {
@@ -567,7 +567,7 @@ MOE_GOAL = 1.2
 
 def _excess_line(r: Dict) -> str:
     """Why a byte-floor target is missed, in one line: the time per step above the floor, per linear."""
-    noisy = forced_level_note(r) or noise_note(r, speed=True)
+    noisy = measurement_note(r, speed=True)
     if noisy or not r.get("base_median_ms"):
         return noisy
     steps = r["new_tokens"]
@@ -588,7 +588,7 @@ def _moelora_line(r: Dict) -> str:
     v, floor, m = r.get("speed_vs_base"), r.get("byte_floor_speed"), r.get("speed_vs_moelora")
     if v is None or floor is None or not m or v < floor - FLOOR_SLACK:
         return _excess_line(r)
-    return forced_level_note(r) or noise_note(r, speed=True) or (f"  why: MiLoRA is at {v:.2f}x base (byte-floor goal {floor - FLOOR_SLACK:.2f}: met) and MOELoRA at "
+    return measurement_note(r, speed=True) or (f"  why: MiLoRA is at {v:.2f}x base (byte-floor goal {floor - FLOOR_SLACK:.2f}: met) and MOELoRA at "
             f"{v / m:.2f}x: the base model's own time dominates each step here, so both adapters' costs are small "
             f"beside it and their ratio shrinks toward 1")
 

@@ -17,7 +17,7 @@ from milora_ext.workloads import adapter_mix, make_problem
 
 from .methods import LABELS, METHODS, build_methods, check_methods, reference_output
 from .progress import Progress
-from .timing import against, forced_level_note, load_average, noise_note, paired_ratio, paired_ratio_spread, time_interleaved
+from .timing import against, load_average, measurement_note, paired_ratio, paired_ratio_spread, time_interleaved
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,7 @@ def target_lines(records: List[Dict]) -> List[str]:
         else:
             continue
         if not ok:
-            lines.append(forced_level_note(r) or noise_note(r) or "  why: not a busy machine (the rounds agree): the fused op itself is slower "
+            lines.append(measurement_note(r) or "  why: not a busy machine (the rounds agree): the fused op itself is slower "
                          "than its goal here; see docs/benchmarks.md")
     return lines
 

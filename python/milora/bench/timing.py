@@ -163,11 +163,10 @@ def noise_note(rec: Dict, speed: bool = False) -> str:
     lo, hi = rec.get("ratio_q1"), rec.get("ratio_q3")
     if lo is None or hi is None or not hi - lo > NOISY_SPREAD:
         return ""
+    what = "x base tokens/s" if speed else "paired ratios"
     if speed:
-        spread = (f"per-round x base tokens/s spread {1 / hi:.2f}-{1 / lo:.2f} (quartiles) "
-                  f"over {rec.get('repeats')} rounds")
-    else:
-        spread = f"per-round paired ratios spread {lo:.2f}-{hi:.2f} (quartiles) over {rec.get('repeats')} rounds"
+        lo, hi = 1 / hi, 1 / lo
+    spread = f"per-round {what} spread {lo:.2f}-{hi:.2f} (quartiles) over {rec.get('repeats')} rounds"
     load, cores = rec.get("load_avg"), os.cpu_count() or 1
     if load is not None and load <= cores + 0.5:  # the bench's own threads count too
         return (f"  why: uncertain: {spread} on an idle machine (load average {load:.1f} on {cores} cores); "
@@ -213,6 +212,13 @@ def forced_level_note(rec: Dict, level: Optional[str] = None, best: Optional[str
             f"product was not (oneDNN / MKL still run {best}), so the LoRA share is larger here than on a CPU whose "
             f"best is {level}; emulate one with ONEDNN_MAX_CPU_ISA={onednn} ATEN_CPU_CAPABILITY={aten} "
             f"MKL_ENABLE_INSTRUCTIONS={mkl} MILORA_CPU_CAPABILITY={level}")
+
+
+def measurement_note(rec: Dict, speed: bool = False) -> str:
+    """'' or the one line that puts a missed target down to how it was measured rather than to the
+    kernel: a forced kernel level beside an uncapped base (forced_level_note), else rounds that
+    disagreed (noise_note; speed as there)."""
+    return forced_level_note(rec) or noise_note(rec, speed=speed)
 
 
 def environment(device: torch.device, dtype: Optional[torch.dtype] = None) -> Dict[str, object]:
