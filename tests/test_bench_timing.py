@@ -2,7 +2,9 @@
 load average says so, not whenever the rounds disagree."""
 import os
 
-from milora.bench.timing import BASE_CAPS, NOISY_SPREAD, against, forced_level_note, noise_note
+import torch
+
+from milora.bench.timing import BASE_CAPS, NOISY_SPREAD, against, forced_level_note, noise_note, own_base_product_note
 
 
 def _rec(q1, q3, load):
@@ -56,3 +58,12 @@ def test_forced_level_note_only_when_forced_on_an_uncapped_cpu():
 def test_a_ratio_that_reads_like_its_goal_gets_a_third_decimal():
     assert against(1.052, 1.05) == "1.052" and against(1.047, 1.05) == "1.047"
     assert against(1.07, 1.05) == "1.07" and against(0.7261, 0.73) == "0.726" and against(0.72, 0.73) == "0.72"
+
+
+def test_own_base_product_note_only_where_the_tiles_compute_it():
+    # bfloat16 on a CPU at amx: the op's base product is milora's own, and the generate output says so.
+    note = own_base_product_note("cpu", torch.bfloat16, level="amx")
+    assert "own AMX tiles" in note and "base_amx.h" in note
+    for device, dtype, level in [("cpu", torch.float32, "amx"), ("cpu", torch.bfloat16, "avx512_bf16"),
+                                 ("cpu", torch.bfloat16, "avx2"), ("cuda", torch.bfloat16, "amx")]:
+        assert own_base_product_note(device, dtype, level=level) == ""

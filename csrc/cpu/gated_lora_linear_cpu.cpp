@@ -452,6 +452,44 @@ void add_gated_lora_gemm(
   ys.addmm_(u, b_sel.t());
 }
 
+// y = x @ W^T (+ bias) [T, N] on the level's own bfloat16 product where it has one and the
+// call suits it (cpu/base_amx.h: bfloat16, K % 32 == 0, N % 16 == 0, few tokens), else ATen's.
+at::Tensor base_product(const at::Tensor& x2, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                        const GatedLoraShape& sh) {
+  const BaseKernels& bk = active_kernels().base_bf16;
+  const bool own = bk.product != nullptr && x2.scalar_type() == at::kBFloat16 && sh.T > 0 && sh.T <= bk.max_tokens &&
+                   sh.K % 32 == 0 && sh.N % 16 == 0 && weight.is_contiguous() && (!bias.has_value() || bias->is_contiguous());
+  if (!own) return at::linear(x2, weight, bias);
+  RECORD_FUNCTION("milora::base_tiles_cpu", std::vector<c10::IValue>());
+  const int64_t blocks = ceil_div(sh.T, 16);
+  // The packed x, kept per calling thread (1 MB at 128 tokens, K = 4096): no allocation per step.
+  thread_local std::vector<uint32_t> kept;
+  std::vector<uint32_t> own_xt;
+  at::Tensor y = at::empty({sh.T, sh.N}, x2.options());  // [T, N]
+  BaseJob job{};
+  job.x = reinterpret_cast<const bf16_t*>(x2.data_ptr<at::BFloat16>());
+  job.w = reinterpret_cast<const bf16_t*>(weight.data_ptr<at::BFloat16>());
+  job.bias = bias.has_value() ? reinterpret_cast<const bf16_t*>(bias->data_ptr<at::BFloat16>()) : nullptr;
+  job.y = reinterpret_cast<bf16_t*>(y.data_ptr<at::BFloat16>());
+  job.xt = kept_or_own(kept, own_xt, static_cast<size_t>(blocks * 16 * sh.K / 2));
+  job.T = sh.T;
+  job.K = sh.K;
+  job.N = sh.N;
+  for_items(blocks, blocks > 1 ? blocks * 16 * sh.K : 0, [&](int64_t b0, int64_t b1) {  // one block: this thread
+    BaseJob part = job;
+    part.b0 = b0;
+    part.b1 = b1;
+    bk.pack_x(part);
+  });
+  for_items(sh.N / 16, sh.T * sh.N * sh.K, [&](int64_t b0, int64_t b1) {
+    BaseJob part = job;
+    part.b0 = b0;
+    part.b1 = b1;
+    bk.product(part);
+  });
+  return y;
+}
+
 template <typename scalar_t>
 struct KernelStorage {
   using type = scalar_t;
@@ -540,7 +578,7 @@ at::Tensor gated_lora_linear_cpu(
   // passes them so), no ATen op on the index tensors (read in place by the plan).
   const bool flat = x.dim() == 2 && x.is_contiguous();
   const at::Tensor x2 = flat ? x : x.reshape({sh.T, sh.K}).contiguous();  // [T, K]
-  at::Tensor y = at::linear(x2, weight, bias);                              // [T, N]
+  at::Tensor y = base_product(x2, weight, bias, sh);                       // [T, N]
   if (!y.is_contiguous()) y = y.contiguous();
   const at::ScalarType acc = accumulate_type(x.scalar_type());
   const at::Tensor gates_acc = gates.scalar_type() == acc && gates.is_contiguous() ? gates : gates.to(acc).contiguous();  // [S, E]

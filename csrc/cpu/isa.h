@@ -106,6 +106,26 @@ static constexpr bool bf16_dot_expand_rank(int64_t R) {
   return R >= 2 && R % 2 == 0 && (32 % R == 0 || R % 32 == 0);
 }
 
+// The base product y = x @ W^T (+ bias) of bfloat16 calls, where the level has one of its own
+// (AMX: cpu/base_amx.h; every other level leaves it to ATen). One work item:
+//   pack_x:  token blocks [b0, b1) of 16 tokens of x into xt, the tiles' layout;
+//   product: column blocks [b0, b1) of 16 output columns, every token, from xt.
+struct BaseJob {
+  const bf16_t* x;     // [T, K]
+  const bf16_t* w;     // [N, K]
+  const bf16_t* bias;  // [N], or nullptr
+  bf16_t* y;           // [T, N]
+  uint32_t* xt;        // [ceil(T / 16), K / 32, 16, 16]: x's bfloat16 pairs, 16 tokens per row
+  int64_t T, K, N;
+  int64_t b0, b1;
+};
+
+struct BaseKernels {
+  void (*pack_x)(const BaseJob&);   // nullptr: the level has no base product of its own
+  void (*product)(const BaseJob&);
+  int64_t max_tokens;  // calls with more tokens use ATen's product; K % 32 == 0, N % 16 == 0 too
+};
+
 struct KernelTable {
   CpuCapability level;
   int lanes32;  // float32 vector lanes: Rpad is a multiple of this for float accumulation
@@ -114,6 +134,7 @@ struct KernelTable {
   LoraKernels<double, double> f64;
   LoraKernels<bf16_t, float> bf16;
   LoraKernels<f16_t, float> f16;
+  BaseKernels base_bf16;
 };
 
 // Defined by cpu/isa_<level>.cpp; nullptr where the level is not compiled (non-x86).

@@ -447,11 +447,20 @@ constexpr void (*expand_list_of<bf16_t, float>())(const ExpandJob<bf16_t, float>
 
 #if MILORA_ISA_LEVEL >= 4
 #include "cpu/lora_amx.h"
+#include "cpu/base_amx.h"
 template <>
 constexpr void (*expand_list_of<bf16_t, float>())(const ExpandJob<bf16_t, float>&) {
   return &expand_list_amx;
 }
 #endif
+
+constexpr BaseKernels base_kernels_bf16() {
+#if MILORA_ISA_LEVEL >= 4
+  return BaseKernels{&pack_base_x, &base_product_amx, kAmxBaseMaxTokens};
+#else
+  return BaseKernels{nullptr, nullptr, 0};
+#endif
+}
 
 // Where the shrink's packed items start (token list length):
 //   float64 (the reference dtype): kFloat64PackedMin, the packed tiles' single accumulation
@@ -546,6 +555,7 @@ constexpr KernelTable kTable{
     kernels_for<double, double>(),
     kernels_for<bf16_t, float>(),
     kernels_for<f16_t, float>(),
+    base_kernels_bf16(),
 };
 
 }  // namespace milora::cpu::MILORA_ISA_NS

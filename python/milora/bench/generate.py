@@ -41,7 +41,8 @@ from .memory import peak_during, tensor_bytes
 from .models import PRESETS as MODEL_PRESETS
 from .models import build_model
 from .progress import Progress
-from .timing import against, load_average, measurement_note, paired_ratio, paired_ratio_spread, time_interleaved
+from .timing import (against, load_average, measurement_note, own_base_product_note, paired_ratio, paired_ratio_spread,
+                     time_interleaved)
 
 METHODS = ("base", "lora", "peft", "peft_single", "moelora", "milora_ref", "milora")
 LABELS = {
@@ -522,6 +523,9 @@ def run(s: GenSettings, device, dtype: torch.dtype, *, progress: Optional[bool] 
             printer(format_row(r))
         for line in target_lines(records):
             printer(line)
+        note = own_base_product_note(device, dtype) if any(n in methods for n in ("milora", "milora_ref", "moelora")) else ""
+        if note:
+            printer(note)
         if profile:
             if profile not in methods:
                 raise ValueError(f"--profile {profile!r}: not among the methods run ({list(methods)})")

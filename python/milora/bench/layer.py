@@ -145,6 +145,8 @@ def run(sw: LayerSweep, device, *, l2_flush: bool = False, progress: Optional[bo
                     floor_ratio=m.floor_ratio if c.phase == "decode" else None,
                     checked=True,
                 )
+                if name == "milora" and "milora_base" in t:
+                    rec["ratio_to_own_base"] = paired_ratio(tm, t["milora_base"])
                 records.append(rec)
                 printer(format_row(rec))
     for line in target_lines(records):
@@ -185,6 +187,10 @@ def target_lines(records: List[Dict]) -> List[str]:
                          f"{vs_loop}): {'met' if ok else 'MISSED'}")
         else:
             continue
+        own = ms.get("milora_base")
+        if own is not None and r.get("ratio_to_own_base") is not None:
+            lines.append(f"  its base product: the op with no adapters = {own['ratio_to_base']:.2f}x F.linear here, "
+                         f"and the fused op = {r['ratio_to_own_base']:.3f}x that (the LoRA term's own share)")
         if not ok:
             lines.append(measurement_note(r) or "  why: not a busy machine (the rounds agree): the fused op itself is slower "
                          "than its goal here; see docs/benchmarks.md")

@@ -13,6 +13,9 @@ slots of E LoRA experts of rank R, per-sequence adapter ids and gates; each retu
                  sequence per token (routing cost + per-token granularity, best kernel)
     milora_ref   MiLoRA through the plain PyTorch reference (milora_ext.gated_lora_linear_ref)
     milora       MiLoRA through the fused op (milora_ext.gated_lora_linear)
+    milora_base  the fused op with every adapter id -1: its own base product alone (on CPUs with
+                 AMX tiles, bfloat16 calls of up to 128 tokens run milora's own product,
+                 csrc/cpu/base_amx.h, not F.linear's), so the LoRA term's own cost shows apart
 
 `build_methods(problem)` returns, for each method, the timed callable and the output it must
 match (computed in float32 by the reference), so that a fast but wrong method cannot win.
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 import milora_ext
 from milora_ext.workloads import Problem
 
-METHODS = ("base", "peft_loop", "gather_bmm", "moelora", "milora_ref", "milora")
+METHODS = ("base", "peft_loop", "gather_bmm", "moelora", "milora_ref", "milora", "milora_base")
 LABELS = {
     "base": "base F.linear",
     "peft_loop": "PEFT-style loop",
@@ -36,6 +39,7 @@ LABELS = {
     "moelora": "MOELoRA per-token",
     "milora_ref": "MiLoRA (reference op)",
     "milora": "MiLoRA (fused op)",
+    "milora_base": "fused op, no adapters",
 }
 
 # (rtol, atol) of the check against the float32 reference; y ~ N(0, 2) by construction, and a
@@ -206,6 +210,11 @@ def build_methods(p: Problem, names=METHODS, *, moe_top_k: Optional[int] = None,
             out[name] = LayerMethod(name, lambda: milora_ext.gated_lora_linear_ref(*p.args()), ref, floor)
         elif name == "milora":
             out[name] = LayerMethod(name, lambda: milora_ext.gated_lora_linear(*p.args()), ref, floor)
+        elif name == "milora_base":
+            no_adapters = p.args()[:6] + (torch.full_like(p.adapter_ids, -1), p.gates)
+            out[name] = LayerMethod(name, lambda a=no_adapters: milora_ext.gated_lora_linear(*a),
+                                    lambda: F.linear(p.x.to(cd), p.weight.to(cd), None if p.bias is None else p.bias.to(cd)),
+                                    1.0)
         elif name == "moelora":
             if moe_top_k is None:
                 nz = (p.gates != 0).sum(1)

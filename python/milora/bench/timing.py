@@ -214,6 +214,22 @@ def forced_level_note(rec: Dict, level: Optional[str] = None, best: Optional[str
             f"MKL_ENABLE_INSTRUCTIONS={mkl} MILORA_CPU_CAPABILITY={level}")
 
 
+def own_base_product_note(device, dtype: Optional[torch.dtype], level: Optional[str] = None) -> str:
+    """'' or one line: where milora's CPU kernels run at amx, the op computes a bfloat16 call's base
+    product (up to 128 tokens) on its own AMX tiles (csrc/cpu/base_amx.h) rather than through
+    F.linear, so a method built on the op gains that product's speed over one built on F.linear
+    (the base model itself). level defaults to this process's."""
+    if torch.device(device).type != "cpu" or dtype != torch.bfloat16:
+        return ""
+    if level is None:
+        level = _milora_cpu_level()
+    if level != "amx":
+        return ""
+    return ("note: the fused op computes its bfloat16 base product on milora's own AMX tiles (csrc/cpu/base_amx.h, "
+            "calls of up to 128 tokens), not through F.linear as the base model and the F.linear-based methods do; "
+            "part of the fused op's speed is that product's (the layer bench's 'fused op, no adapters' row shows it alone)")
+
+
 def measurement_note(rec: Dict, speed: bool = False) -> str:
     """'' or the one line that puts a missed target down to how it was measured rather than to the
     kernel: a forced kernel level beside an uncapped base (forced_level_note), else rounds that
