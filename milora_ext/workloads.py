@@ -60,6 +60,10 @@ class Problem:
         return (self.x, self.weight, self.bias, self.lora_a, self.lora_b,
                 self.seq_offsets, self.adapter_ids, self.gates)
 
+    def args_without_adapters(self):
+        """args() with every adapter id -1: the op's base product alone, the same tensors otherwise."""
+        return self.args()[:6] + (torch.full_like(self.adapter_ids, -1), self.gates)
+
     def as_dict(self) -> Dict[str, Optional[torch.Tensor]]:
         """The arguments by name (ARG_NAMES), e.g. to replace one with a strided view."""
         return dict(zip(ARG_NAMES, self.args()))

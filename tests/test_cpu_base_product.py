@@ -35,12 +35,6 @@ def call(args):
     return y, any(e.name == EVENT for e in prof.events())
 
 
-def without_adapters(p):
-    args = list(p.args())
-    args[6] = torch.full_like(p.adapter_ids, -1)
-    return tuple(args)
-
-
 @pytest.mark.parametrize("T", [1, 15, 16, 17, 63, 64, 65, 127, 128])
 @pytest.mark.parametrize("bias", [False, True])
 def test_tiles_against_reference(amx, T, bias):
@@ -50,7 +44,7 @@ def test_tiles_against_reference(amx, T, bias):
         lens = [T - T // 2, T // 2] if T > 1 else [1]
         p = make_problem(lens, [0, 1][:len(lens)], K=K, N=N, P=2, E=2, R=8, active_experts=1,
                          dtype=torch.bfloat16, bias=bias, seed=T * N + K)
-        for args in (p.args(), without_adapters(p)):
+        for args in (p.args(), p.args_without_adapters()):
             y, tiles = call(args)
             assert tiles, (T, N, K)
             check_against_reference(y, args)
@@ -124,4 +118,3 @@ def test_a_token_alone_and_in_a_batch(amx):
         args[5] = torch.tensor([0, 1])
         alone, _ = call(tuple(args))
         assert torch.equal(alone[0], batch[t]), t
-

@@ -130,8 +130,7 @@ def test_zero_gates_and_base_rows_are_exactly_base(level, dtype):
     y = milora_ext.gated_lora_linear(*p.args())
     # The base product is the op's own with no adapter (ATen's, or bfloat16 on amx the tiles of
     # csrc/cpu/base_amx.h), itself judged against the reference.
-    no_adapter = list(p.args())
-    no_adapter[6] = torch.full_like(p.adapter_ids, -1)
+    no_adapter = p.args_without_adapters()
     base = milora_ext.gated_lora_linear(*no_adapter)
     check_against_reference(base, no_adapter)
     torch.testing.assert_close(y[4:6], base[4:6], rtol=0, atol=0)

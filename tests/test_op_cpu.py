@@ -20,8 +20,7 @@ def own_base(p):
     """The op's base product (every adapter -1): ATen's, or for bfloat16 on amx the tiles of
     csrc/cpu/base_amx.h; judged against the reference here, so that rows compared with it
     exactly are compared with a checked product."""
-    args = list(p.args())
-    args[6] = torch.full_like(p.adapter_ids, -1)
+    args = p.args_without_adapters()
     base = milora_ext.gated_lora_linear(*args)
     check_against_reference(base, args)
     return base

@@ -72,7 +72,7 @@ inline void store_base_block(const float* c, const __m512& bias, const BaseJob& 
   const int64_t rows = min64(16, j.T - 16 * b);
   for (int64_t i = 0; i < rows; ++i) {
     const __m512 v = _mm512_add_ps(_mm512_castsi512_ps(r[i]), bias);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(j.y + (16 * b + i) * j.N + n0), (__m256i)_mm512_cvtneps_pbh(v));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(j.y + (16 * b + i) * j.N + n0), bf16_from_ps(v));
   }
 }
 
@@ -84,9 +84,7 @@ inline void base_product_amx(const BaseJob& j) {
   alignas(64) float acc[4 * 256];
   for (int64_t nb = j.b0; nb < j.b1; ++nb) {
     const bf16_t* w = j.w + nb * 16 * K;
-    __m512 bias = _mm512_setzero_ps();
-    if (j.bias != nullptr)
-      bias = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(j.bias + 16 * nb))), 16));
+    const __m512 bias = j.bias != nullptr ? Vec512::load(j.bias + 16 * nb).v : _mm512_setzero_ps();
     // Up to four token blocks per pass, so each W tile is loaded once per four products. More
     // than four (over 64 tokens) read the row block again, from L2 (16 rows x K: 128 KB at
     // K = 4096).

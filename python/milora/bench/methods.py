@@ -211,8 +211,7 @@ def build_methods(p: Problem, names=METHODS, *, moe_top_k: Optional[int] = None,
         elif name == "milora":
             out[name] = LayerMethod(name, lambda: milora_ext.gated_lora_linear(*p.args()), ref, floor)
         elif name == "milora_base":
-            no_adapters = p.args()[:6] + (torch.full_like(p.adapter_ids, -1), p.gates)
-            out[name] = LayerMethod(name, lambda a=no_adapters: milora_ext.gated_lora_linear(*a),
+            out[name] = LayerMethod(name, lambda a=p.args_without_adapters(): milora_ext.gated_lora_linear(*a),
                                     lambda: F.linear(p.x.to(cd), p.weight.to(cd), None if p.bias is None else p.bias.to(cd)),
                                     1.0)
         elif name == "moelora":
